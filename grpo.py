@@ -145,6 +145,8 @@ class Args:
     """fraction of GPU memory the colocated vLLM engine may take (weights + KV cache)"""
     vllm_sleep: bool = False
     """free vLLM's memory during the update (sleep level 2), where the vLLM build supports it"""
+    sync_check_steps: int = 0
+    """every this many steps, after the weight sync, log how far vLLM's log-probs of a completion are from the trainer's (sync/logprob_max_abs_diff); 0 never"""
     sync_bucket_mb: int = 1024
     """weight sync: parameters are gathered from ZeRO-3 and handed to vLLM in buckets of about this size (a decoder layer is never split)"""
     local_rank: int = -1
@@ -460,7 +462,30 @@ def sync_weights_to_vllm(model: torch.nn.Module, llm, bucket_bytes: int) -> None
                 yield from ((name, p.data) for name, p in bucket)
 
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+    llm.collective_rpc(_repack_tied_lm_head)
     llm.reset_prefix_cache()
+
+
+def _repack_tied_lm_head(worker) -> None:
+    """vLLM's CPU backend multiplies by a packed copy of lm_head made at load time. A tied lm_head
+    receives no weights of its own in `reload_weights`, so its packed copy would keep the first
+    weights (measured: log-probs off by up to 40 nats); rebuild it from the synced embedding."""
+    head = getattr(worker.model_runner.model, "lm_head", None)
+    if head is not None and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+def sync_logprob_diff(engine, llm, prompt_ids: list, completion_ids: list, pad_id: int, device) -> float:
+    """Largest |ℓ_vLLM − ℓ_trainer| over one completion's tokens, at temperature 1: a check that
+    the weights vLLM samples from are the ones being trained (a broken sync shows up here)."""
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
+                       SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    ours = [out.prompt_logprobs[len(prompt_ids) + j][t].logprob for j, t in enumerate(completion_ids)]
+    with torch.no_grad():
+        trainer = completion_logprobs(engine, collate([prompt_ids], [completion_ids], pad_id, device), 1.0)[0][0]
+    return (torch.tensor(ours) - trainer.float().cpu()).abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,6 +876,9 @@ def main() -> None:
             if args.vllm_sleep:
                 llm.wake_up(tags=["kv_cache"])
         time_weight_sync = time.perf_counter() - t0
+        if llm is not None and args.sync_check_steps and (step + 1) % args.sync_check_steps == 0:
+            diff = sync_logprob_diff(engine, llm, prompt_ids[0], completion_ids[0], tokenizer.pad_token_id, device)
+            add("sync/logprob_max_abs_diff", diff, 1.0)
 
         # 6. logging
         for name, value in (("time/generate", time_generate), ("time/logprobs", time_logprobs),

@@ -1,0 +1,186 @@
+"""grpo.py end to end: one process (transformers and vLLM), two ranks under the deepspeed launcher
+with ZeRO-3 and colocated vLLM, --resume, and the errors on bad input."""
+
+import json
+import os
+import shutil
+import socket
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, read_metrics, run_script, vllm_importable
+
+SCRIPT = os.path.join(ROOT, "grpo.py")
+TINY = ["--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4",
+        "--max-completion-length", "16", "--total-steps", "2", "--log-completions", "1"]
+# a reward a random tiny model earns some of, so that advantages (and updates) are non-zero
+TOY = ["--reward-funcs", "toy_rewards:letter_a", "correctness", "--reward-weights", "1.0", "1.0"]
+METRICS = ["reward", "reward_std", "rewards/correctness/mean", "rewards/toy_rewards:letter_a/mean",
+           "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio", "entropy", "kl",
+           "clip_ratio/low_mean", "clip_ratio/high_mean", "policy_loss", "grad_norm", "lr",
+           "tokens/generated_total", "time/generate", "time/logprobs", "time/update", "time/weight_sync", "time/step"]
+SYNC_TOL = 1e-3  # fp32 on CPU: vLLM's and the trainer's log-probs agree to ~1e-5 when the weights are the same
+
+needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+
+
+def logprobs_of(model_dir: str, prompt: list, completion: list) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits, -1)[range(len(completion)), completion]
+
+
+def check_run(out: str, steps: int) -> list:
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        missing = [k for k in METRICS if k not in m]
+        assert not missing, f"metrics missing: {missing}"
+        assert 0 <= m["reward"] <= 2 and 0 < m["completions/mean_length"] <= 16
+    return metrics
+
+
+def test_one_process_transformers_generate(tiny_model, add_data, tmp_path):
+    out = str(tmp_path / "runs")
+    proc = run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *TINY, *TOY,
+                       "--learning-rate", "1e-2"],
+                      cwd=str(tmp_path))
+    assert "generating with transformers" in proc.stdout + proc.stderr
+    metrics = check_run(out, 2)
+    per_step = [m["completions/mean_length"] * 8 for m in metrics]
+    assert metrics[-1]["tokens/generated_total"] == pytest.approx(sum(per_step))
+    run_dir = os.path.join(out, os.listdir(out)[0])
+    ckpt = os.path.join(run_dir, "checkpoint-2")
+    assert os.path.isfile(os.path.join(ckpt, "trainer_state.json"))
+    assert not any(d.endswith(".tmp") for d in os.listdir(run_dir))
+    change = logprobs_of(ckpt, [5, 6, 7], [8, 9, 10]) - logprobs_of(tiny_model, [5, 6, 7], [8, 9, 10])
+    assert change.abs().max() > 1e-2  # the saved checkpoint holds the trained weights
+
+
+@needs_vllm
+def test_one_process_vllm_and_resume(tiny_model, add_data, tmp_path):
+    """--resume from the step-1 checkpoint reproduces step 2 of the uninterrupted run."""
+    out = str(tmp_path / "runs")
+    common = [SCRIPT, "--model", tiny_model, "--dataset", add_data, *TINY, *TOY, "--learning-rate", "1e-2",
+              "--sync-check-steps", "1", "--save-steps", "1"]
+    run_script(common + ["--output-dir", out], cwd=str(tmp_path))
+    full = check_run(out, 2)
+    assert all(m["sync/logprob_max_abs_diff"] < SYNC_TOL for m in full)
+    name = os.listdir(out)[0]
+
+    out2 = str(tmp_path / "runs_resumed")
+    os.makedirs(out2)
+    shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
+    with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(full[0]) + "\n")
+    proc = run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=str(tmp_path))
+    assert "resumed from" in proc.stdout + proc.stderr
+    resumed = read_metrics(out2)
+    assert [m["step"] for m in resumed] == [1, 2]
+    a, b = full[1], resumed[1]
+    compared = [k for k in a if not k.startswith(("time/", "tokens/per_second"))]
+    assert len(compared) > 15
+    for k in compared:
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
+@needs_vllm
+def test_deepspeed_two_ranks_zero3_vllm(tiny_model, add_data, tmp_path):
+    """Two ranks, ZeRO-3, reference model (β > 0), vLLM in each rank, weight sync in per-layer
+    buckets: the weights change, and after each sync vLLM's log-probs equal the trainer's."""
+    out = str(tmp_path / "runs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *TINY, *TOY,
+                "--prompts-per-step", "4", "--zero-stage", "3", "--beta", "0.04", "--learning-rate", "1e-2",
+                "--sync-check-steps", "1", "--sync-bucket-mb", "0"],
+               cwd=str(tmp_path), launcher=["deepspeed", "--num_gpus", "2", "--master_port", port])
+    metrics = check_run(out, 2)
+    assert all(m["sync/logprob_max_abs_diff"] < SYNC_TOL for m in metrics)
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[1]["kl"] > 0  # the policy left the reference
+    assert all(m["grad_norm"] > 0 for m in metrics)
+    ckpt = os.path.join(out, os.listdir(out)[0], "checkpoint-2")
+    before = logprobs_of(tiny_model, [5, 6, 7], [8, 9, 10, 11])
+    after = logprobs_of(ckpt, [5, 6, 7], [8, 9, 10, 11])
+    # a stale vLLM (a broken sync) would be this far off: far outside the tolerance checked above
+    assert (after - before).abs().max() > 100 * SYNC_TOL
+
+
+# --- bad input: a clear message naming the fix, before any model is loaded --------------------
+
+
+def run_main(argv, monkeypatch, capsys=None):
+    import grpo
+
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        grpo.main()
+    return str(e.value.code)
+
+
+def test_missing_model_path(monkeypatch, add_data):
+    msg = run_main(["--model", "/no/such/model", "--dataset", add_data], monkeypatch)
+    assert "--model /no/such/model" in msg and "local directory" in msg
+
+
+def test_hub_model_without_hub(monkeypatch, add_data):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg = run_main(["--model", "nobody/no-such-model", "--dataset", add_data], monkeypatch)
+    assert "prepare_smollm2.sh" in msg
+
+
+def test_missing_dataset_file(monkeypatch, tiny_model):
+    msg = run_main(["--model", tiny_model, "--dataset", "/no/such.jsonl"], monkeypatch)
+    assert "no such file" in msg
+
+
+def test_dataset_without_the_fields(monkeypatch, tiny_model, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "hello", "label": 1}\n')
+    msg = run_main(["--model", tiny_model, "--dataset", str(path)], monkeypatch)
+    assert "--question-field" in msg and "'text'" in msg
+
+
+def test_empty_dataset(monkeypatch, tiny_model, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n')
+    msg = run_main(["--model", tiny_model, "--dataset", str(path), "--prompts-per-step", "2"], monkeypatch)
+    assert "only 1 usable prompts" in msg
+
+
+def test_hub_dataset_without_hub(monkeypatch, tiny_model):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    msg = run_main(["--model", tiny_model, "--dataset", "gsm8k"], monkeypatch)
+    assert "gsm8k_train.jsonl" in msg
+
+
+def test_prompts_too_long_are_counted(monkeypatch, tiny_model, add_data):
+    msg = run_main(["--model", tiny_model, "--dataset", add_data, "--max-prompt-length", "5"], monkeypatch)
+    assert "100 longer than --max-prompt-length 5" in msg
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--prompts-per-step", "3", "--num-generations", "4", "--micro-batch-size", "5"], "multiple of --micro-batch-size 5"),
+        (["--num-generations", "1"], "at least 2"),
+        (["--num-mini-batches", "3", "--prompts-per-step", "1", "--num-generations", "4"], "--num-mini-batches 3"),
+        (["--reward-weights", "1", "2"], "--reward-weights has 2 values"),
+        (["--top-p", "0"], "--top-p"),
+    ],
+)
+def test_batch_arithmetic_and_flags(monkeypatch, argv, needle):
+    msg = run_main(argv, monkeypatch)
+    assert needle in msg
+
+
+def test_indivisible_across_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    msg = run_main(["--prompts-per-step", "3"], monkeypatch)
+    assert "multiple of the 2 ranks" in msg
