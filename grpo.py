@@ -344,13 +344,16 @@ def prepare_prompts(ds, q_field, a_field, tokenizer, args: Args):
     return examples, n_missing, n_long
 
 
-def step_indices(step: int, num_examples: int, prompts_per_step: int, seed: int) -> list[int]:
-    """Example indices of a step: a fresh seeded permutation per epoch, so the data order is a
-    pure function of (seed, step) and `--resume` continues it exactly."""
-    out = []
-    for pos in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+def prompt_indices(start: int, count: int, num_examples: int, seed: int) -> list[int]:
+    """Example indices at positions start … start+count−1 of the data stream: a fresh seeded
+    permutation per epoch, so the data order is a pure function of (seed, position) and
+    `--resume` continues it exactly."""
+    perms, out = {}, []
+    for pos in range(start, start + count):
         epoch, i = divmod(pos, num_examples)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(num_examples)[i]))
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        out.append(int(perms[epoch][i]))
     return out
 
 
@@ -489,6 +492,103 @@ def sync_logprob_diff(engine, llm, prompt_ids: list, completion_ids: list, pad_i
 
 
 # ---------------------------------------------------------------------------------------------
+# Log-probs and the update (the trainer side of a step)
+# ---------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Per-step sums and counts, averaged over ranks at the end of the step."""
+
+    def __init__(self):
+        self.sums: dict[str, tuple[float, float]] = {}
+
+    def add(self, name: str, value_sum, count=1.0) -> None:
+        s, c = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (s + float(value_sum), c + float(count))
+
+    def reduce(self, device) -> dict:
+        keys = sorted(self.sums)
+        t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
+
+
+def micro_batch(rollout: dict, ix: list, device) -> dict:
+    return collate([rollout["prompt_ids"][i] for i in ix], [rollout["completion_ids"][i] for i in ix], rollout["pad_id"], device)
+
+
+@torch.no_grad()
+def rollout_logprobs(engine, ref_engine, rollout: dict, args: Args, device):
+    """ℓold and ℓref of every completion, one micro-batch at a time, cached by micro-batch."""
+    n = len(rollout["completion_ids"])
+    # With μ = 1 and one mini-batch the policy has not moved when each micro-batch is trained on,
+    # so ℓold = ℓθ exactly: the update uses the detached training log-probs and this pass is skipped.
+    need_old = args.num_iterations * args.num_mini_batches > 1
+    old_logp, ref_logp = {}, {}
+    for s in range(0, n, args.micro_batch_size):
+        batch = micro_batch(rollout, list(range(s, s + args.micro_batch_size)), device)
+        if need_old:
+            old_logp[s] = completion_logprobs(engine, batch, args.temperature)[0]
+        if ref_engine is not None:
+            ref_logp[s] = completion_logprobs(ref_engine, batch, args.temperature)[0]
+    return old_logp, ref_logp
+
+
+def _pick(cache: dict, ix: list, micro: int, width: int) -> torch.Tensor:
+    """Rows `ix` of per-micro-batch tensors cached by first index, padded/cut to `width` columns."""
+    rows = []
+    for i in ix:
+        t = cache[i - i % micro][i % micro]
+        rows.append(torch.nn.functional.pad(t, (0, max(0, width - t.shape[0])))[:width])
+    return torch.stack(rows)
+
+
+def update_policy(engine, rollout: dict, old_logp: dict, ref_logp: dict, args: Args, metrics: Metrics, device, gen) -> None:
+    """μ passes over this rank's rollout, each split into `num_mini_batches` optimizer steps,
+    gradients accumulated over micro-batches (ALGORITHMS.md §1)."""
+    world = dist.get_world_size()
+    n = len(rollout["completion_ids"])
+    mini_size = n // args.num_mini_batches
+    shuffle = args.num_iterations * args.num_mini_batches > 1
+    for it in range(args.num_iterations):
+        order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
+        for mb in range(args.num_mini_batches):
+            mini = order[mb * mini_size : (mb + 1) * mini_size]
+            # the normalisers count sequences and tokens of the whole optimizer step, all ranks
+            counts = torch.tensor([float(len(mini)), float(sum(rollout["lengths"][i] for i in mini))], device=device)
+            dist.all_reduce(counts)
+            n_seq, n_tok = int(counts[0].item()), int(counts[1].item())
+            loss_sum = 0.0
+            for k in range(0, mini_size, args.micro_batch_size):
+                ix = mini[k : k + args.micro_batch_size]
+                batch = micro_batch(rollout, ix, device)
+                mask = batch["completion_mask"]
+                logp, entropy = completion_logprobs(engine, batch, args.temperature, with_entropy=it == 0)
+                old = _pick(old_logp, ix, args.micro_batch_size, mask.shape[1]) if old_logp else logp.detach()
+                ref = _pick(ref_logp, ix, args.micro_batch_size, mask.shape[1]) if ref_logp else None
+                tok_loss, kl, low, high = grpo_token_loss(
+                    logp, old, rollout["advantages"][ix].to(device), args.epsilon, args.epsilon_high_, ref, args.beta)
+                w = token_weights(mask, args.loss_type, n_seq, n_tok, args.max_completion_length)
+                # DeepSpeed averages gradients over ranks and we undo its 1/GAS: scale by world
+                loss = (tok_loss * w).sum() * world
+                engine.backward(loss, scale_wrt_gas=False)
+                engine.step()
+                loss_sum += loss.item() / world
+                m = mask.bool()
+                ntok = m.sum().item()
+                if entropy is not None:
+                    metrics.add("entropy", entropy[m].sum(), ntok)
+                if kl is not None:
+                    metrics.add("kl", kl.detach()[m].sum(), ntok)
+                metrics.add("clip_ratio/low_mean", low[m].sum(), ntok)
+                metrics.add("clip_ratio/high_mean", high[m].sum(), ntok)
+            metrics.add("policy_loss", loss_sum, 1.0 / world)  # summed over ranks = this mini-batch's loss
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics.add("grad_norm", float(grad_norm), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
@@ -504,9 +604,10 @@ def latest_checkpoint(path: str) -> str:
     return os.path.join(path, max(done, key=lambda d: int(d.split("-")[-1])))
 
 
-def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int) -> str:
-    """A Hugging Face directory (weights, config, tokenizer) plus everything --resume needs,
-    written under a temporary name and renamed once complete."""
+def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int, rank_state: dict) -> str:
+    """A Hugging Face directory (weights, config, tokenizer) plus everything --resume needs
+    (`rank_state`: this rank's own, with its RNG states), written under a temporary name and
+    renamed once complete."""
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -523,8 +624,8 @@ def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, ran
         tokenizer.save_pretrained(tmp)
     del state_dict
     engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-               os.path.join(tmp, f"rng_state_{rank}.pt"))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({**rank_state, "rng": rng}, os.path.join(tmp, f"rank_state_{rank}.pt"))
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # its presence marks "complete"
@@ -587,7 +688,9 @@ def init_distributed() -> None:
 
 
 def load_tokenizer(model: str):
+    """The tokenizer, after checking that --model names a loadable model (config and tokenizer)."""
     try:
+        AutoConfig.from_pretrained(model)
         tokenizer = AutoTokenizer.from_pretrained(model)
     except Exception as e:
         hint = "no such directory" if model.startswith((".", "/", "~")) else "not a local directory, and the hub is unreachable or has no such id"
@@ -610,14 +713,6 @@ def stop_token_ids(model: str, tokenizer) -> list[int]:
     except Exception:
         pass
     return sorted(i for i in ids if i is not None)
-
-
-def reduce_metrics(sums: dict, device) -> dict:
-    """All-reduce a {name: (sum, count)} dict over ranks and return the means."""
-    keys = sorted(sums)
-    t = torch.tensor([[sums[k][0], sums[k][1]] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,9 +770,9 @@ def main() -> None:
     if args.track and rank == 0:
         import wandb
 
-        state["wandb_id"] = state.get("wandb_id") or wandb.util.generate_id()
         wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                               id=state["wandb_id"], resume="allow", config=asdict(args))
+                               id=state.get("wandb_id"), resume="allow", config=asdict(args))
+        state["wandb_id"] = wandb_run.id  # saved in checkpoints: --resume continues the same wandb run
 
     # seeding
     random.seed(args.seed)
@@ -722,7 +817,8 @@ def main() -> None:
         ref_engine.eval()
     if resume_dir:
         engine.load_checkpoint(os.path.join(resume_dir, "deepspeed"), tag="state")
-        rng = torch.load(os.path.join(resume_dir, f"rng_state_{rank}.pt"), weights_only=False)
+        rank_state = torch.load(os.path.join(resume_dir, f"rank_state_{rank}.pt"), weights_only=False)
+        rng = rank_state["rng"]
         random.setstate(rng["python"]); np.random.set_state(rng["numpy"]); torch.set_rng_state(rng["torch"])  # noqa: E702
         log(f"resumed from {resume_dir} at step {state['step']}")
 
@@ -745,7 +841,7 @@ def main() -> None:
             max_model_len=args.max_prompt_length + args.max_completion_length,
             enable_sleep_mode=args.vllm_sleep, generation_config="vllm",  # our sampling settings, not the model's defaults
         )
-        if resume_dir or args.vllm_sleep:
+        if resume_dir:  # vLLM loaded the initial weights from disk
             sync_weights_to_vllm(engine.module, llm, args.sync_bucket_mb * 2**20)
     else:
         log("generating with transformers generate (no vLLM)")
@@ -754,14 +850,11 @@ def main() -> None:
     progress = tqdm(range(state["step"], args.total_steps), initial=state["step"], total=args.total_steps, disable=rank != 0)
     for step in progress:
         t_step = time.perf_counter()
-        sums: dict[str, tuple[float, float]] = {}
-
-        def add(name, value_sum, count=1.0):
-            s, c = sums.get(name, (0.0, 0.0))
-            sums[name] = (s + float(value_sum), c + float(count))
+        step_metrics = Metrics()
+        add = step_metrics.add
 
         # 1. generation: this rank's share of the step's prompts, G completions each
-        idx = step_indices(step, len(examples), args.prompts_per_step, args.seed)[rank * local_prompts : (rank + 1) * local_prompts]
+        idx = prompt_indices(step * args.prompts_per_step, args.prompts_per_step, len(examples), args.seed)[rank * local_prompts : (rank + 1) * local_prompts]
         batch_examples = [examples[i] for i in idx]
         prompt_ids = [e["prompt_ids"] for e in batch_examples]
         t0 = time.perf_counter()
@@ -806,64 +899,15 @@ def main() -> None:
 
         # 3. log-probs of the batch under the old policy and the reference (no grad)
         t0 = time.perf_counter()
-        micro_batches = [list(range(s, s + args.micro_batch_size)) for s in range(0, local_completions, args.micro_batch_size)]
-
-        def make_batch(ix):
-            return collate([rep_prompt_ids[i] for i in ix], [completion_ids[i] for i in ix], tokenizer.pad_token_id, device)
-
-        # With μ = 1 and one mini-batch the policy has not moved when each micro-batch is trained
-        # on, so ℓold = ℓθ exactly: use the detached training log-probs and skip a forward pass.
-        reuse_old = steps_per_batch == 1
-        old_logp, ref_logp = {}, {}
-        with torch.no_grad():
-            for ix in micro_batches:
-                batch = make_batch(ix)
-                if not reuse_old:
-                    old_logp[ix[0]] = completion_logprobs(engine, batch, args.temperature)[0]
-                if ref_engine is not None:
-                    ref_logp[ix[0]] = completion_logprobs(ref_engine, batch, args.temperature)[0]
+        rollout = dict(prompt_ids=rep_prompt_ids, completion_ids=completion_ids, lengths=lengths,
+                       advantages=advantages, pad_id=tokenizer.pad_token_id)
+        old_logp, ref_logp = rollout_logprobs(engine, ref_engine, rollout, args, device)
         time_logprobs = time.perf_counter() - t0
 
         # 4. update: μ passes, each split into mini-batches; one optimizer step per mini-batch
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(request_seed(args.seed, step, rank, 7))
-        for it in range(args.num_iterations):
-            order = torch.randperm(local_completions, generator=gen).tolist() if steps_per_batch > 1 else list(range(local_completions))
-            for mb in range(args.num_mini_batches):
-                mini = order[mb * mini_size : (mb + 1) * mini_size]
-                n_tok = torch.tensor(float(sum(lengths[i] for i in mini)), device=device)
-                dist.all_reduce(n_tok)  # dapo counts tokens across micro-batches and ranks
-                loss_sum = 0.0
-                for k in range(0, mini_size, args.micro_batch_size):
-                    ix = mini[k : k + args.micro_batch_size]
-                    batch = make_batch(ix)
-                    mask = batch["completion_mask"]
-                    logp, entropy = completion_logprobs(engine, batch, args.temperature, with_entropy=it == 0)
-                    if reuse_old:
-                        old = logp.detach()
-                    else:  # old log-probs were computed per fixed micro-batch: re-index them
-                        old = _pick(old_logp, ix, args.micro_batch_size, mask.shape[1])
-                    ref = _pick(ref_logp, ix, args.micro_batch_size, mask.shape[1]) if ref_engine is not None else None
-                    tok_loss, kl, low, high = grpo_token_loss(
-                        logp, old, advantages[ix].to(device), args.epsilon, args.epsilon_high_, ref, args.beta)
-                    w = token_weights(mask, args.loss_type, mini_size * world, int(n_tok.item()), args.max_completion_length)
-                    # DeepSpeed averages gradients over ranks and we undo its 1/GAS: scale by world
-                    loss = (tok_loss * w).sum() * world
-                    engine.backward(loss, scale_wrt_gas=False)
-                    engine.step()
-                    loss_sum += loss.item() / world
-                    m = mask.bool()
-                    ntok = m.sum().item()
-                    if entropy is not None:
-                        add("entropy", entropy[m].sum(), ntok)
-                    if kl is not None:
-                        add("kl", kl.detach()[m].sum(), ntok)
-                    add("clip_ratio/low_mean", low[m].sum(), ntok)
-                    add("clip_ratio/high_mean", high[m].sum(), ntok)
-                add("policy_loss", loss_sum, 1.0 / world)  # summed over ranks = this mini-batch's loss
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    add("grad_norm", float(grad_norm), 1.0)
+        update_policy(engine, rollout, old_logp, ref_logp, args, step_metrics, device, gen)
         lr = engine.get_lr()[0]
         time_update = time.perf_counter() - t0
 
@@ -885,7 +929,7 @@ def main() -> None:
                             ("time/update", time_update), ("time/weight_sync", time_weight_sync),
                             ("time/step", time.perf_counter() - t_step)):
             add(name, value, 1.0)  # mean over ranks
-        metrics = reduce_metrics(sums, device)
+        metrics = step_metrics.reduce(device)
         step_tokens = metrics.pop("tokens/generated_step")
         state["tokens_generated"] += int(round(step_tokens))
         metrics.update(step=step + 1, lr=lr, **{"tokens/generated_total": state["tokens_generated"]})
@@ -907,21 +951,12 @@ def main() -> None:
         # 7. checkpoint
         if (args.save_steps and (step + 1) % args.save_steps == 0) or step + 1 == args.total_steps:
             state["world_size"] = world
-            path = save_checkpoint(engine, tokenizer, run_dir, step + 1, state, rank)
+            path = save_checkpoint(engine, tokenizer, run_dir, step + 1, state, rank, rank_state={})
             log(f"saved {path}")
 
     if wandb_run is not None:
         wandb_run.finish()
     dist.barrier()
-
-
-def _pick(cache: dict, ix: list, micro: int, width: int) -> torch.Tensor:
-    """Rows `ix` of per-micro-batch tensors cached by first index, padded/cut to `width` columns."""
-    rows = []
-    for i in ix:
-        t = cache[i - i % micro][i % micro]
-        rows.append(torch.nn.functional.pad(t, (0, max(0, width - t.shape[0])))[:width])
-    return torch.stack(rows)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,17 @@ def check_run(out: str, steps: int) -> list:
 
 
 def test_one_process_transformers_generate(tiny_model, add_data, tmp_path):
+    """transformers generate, ZeRO-2, gradient checkpointing, μ = 2 with 2 mini-batches (old
+    log-probs recomputed, ratios move, the clip can bind), wandb offline."""
     out = str(tmp_path / "runs")
     proc = run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *TINY, *TOY,
-                       "--learning-rate", "1e-2"],
+                       "--learning-rate", "1e-2", "--zero-stage", "2", "--gradient-checkpointing",
+                       "--num-iterations", "2", "--num-mini-batches", "2", "--track"],
                       cwd=str(tmp_path))
     assert "generating with transformers" in proc.stdout + proc.stderr
     metrics = check_run(out, 2)
+    assert any(m["clip_ratio/low_mean"] + m["clip_ratio/high_mean"] > 0 for m in metrics)  # ρ ≠ 1 after the first update
+    assert os.path.isdir(tmp_path / "wandb")
     per_step = [m["completions/mean_length"] * 8 for m in metrics]
     assert metrics[-1]["tokens/generated_total"] == pytest.approx(sum(per_step))
     run_dir = os.path.join(out, os.listdir(out)[0])

@@ -113,12 +113,14 @@ def test_lr_schedules():
     assert lin(5) == pytest.approx(0.5)
 
 
-def test_step_indices_are_a_seeded_permutation_per_epoch():
+def test_prompt_indices_are_a_seeded_permutation_per_epoch():
     n = 10
-    first_epoch = sum((grpo.step_indices(s, n, 5, seed=3) for s in range(2)), [])
+    first_epoch = grpo.prompt_indices(0, 5, n, seed=3) + grpo.prompt_indices(5, 5, n, seed=3)
     assert sorted(first_epoch) == list(range(n))
-    assert grpo.step_indices(1, n, 5, 3) == grpo.step_indices(1, n, 5, 3)
-    assert grpo.step_indices(0, n, 5, 3) != grpo.step_indices(0, n, 5, 4)
+    assert grpo.prompt_indices(0, 15, n, 3)[:10] == first_epoch  # any split of the stream is the same stream
+    assert sorted(grpo.prompt_indices(10, 10, n, 3)) == list(range(n))  # the next epoch, reshuffled
+    assert grpo.prompt_indices(10, 10, n, 3) != first_epoch
+    assert grpo.prompt_indices(0, 5, n, 3) != grpo.prompt_indices(0, 5, n, 4)
 
 
 def test_collate_pads_prompts_left_and_completions_right():

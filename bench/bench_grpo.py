@@ -1,0 +1,191 @@
+"""Benchmark grpo.py: time per phase per step and generation tokens/s, against the same work done
+directly (raw vLLM `generate`, a plain forward / forward+backward of the same batch), written to
+a JSON file and a markdown table.
+
+    python bench/bench_grpo.py --model $(../shared/tools/prepare_smollm2.sh) \
+        --dataset ../shared/data/gsm8k_train.jsonl --out bench/results/smollm2_cpu
+
+Targets (issue #2): weight sync < 5% of step time; vLLM generation >= 5x transformers at G = 8;
+no phase more than 20% slower than the same work done directly.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@dataclass
+class BenchArgs:
+    model: str
+    """local model directory (e.g. the output of ../shared/tools/prepare_smollm2.sh)"""
+    dataset: str = "../shared/data/gsm8k_train.jsonl"
+    """training data (a local file)"""
+    out: str = "bench/results/bench"
+    """results are written to OUT.json and OUT.md"""
+    prompts_per_step: int = 4
+    """prompts per step"""
+    num_generations: int = 8
+    """G"""
+    max_completion_length: int = 128
+    """tokens per completion at most"""
+    micro_batch_size: int = 8
+    """completions per forward/backward"""
+    steps: int = 3
+    """grpo.py steps with vLLM; the first is warm-up and left out of the means"""
+    hf_steps: int = 1
+    """grpo.py steps with transformers generate (the first is left out when there are more than one)"""
+    beta: float = 0.04
+    """β of the benchmarked run (> 0 includes the reference forward in the log-prob phase)"""
+    reuse_runs: bool = False
+    """reuse the grpo.py runs already in OUT.runs/ (re-measure only the direct baselines)"""
+
+
+def run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> list:
+    if not (args.reuse_runs and os.path.isdir(out_dir)):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        _run_grpo(args, out_dir, use_vllm, steps)
+    run = os.path.join(out_dir, os.listdir(out_dir)[0])
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> None:
+    cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--model", args.model, "--dataset", args.dataset,
+           "--output-dir", out_dir, "--total-steps", str(steps), "--save-steps", "0",
+           "--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations),
+           "--max-completion-length", str(args.max_completion_length), "--micro-batch-size", str(args.micro_batch_size),
+           "--beta", str(args.beta), "--log-completions", "0", "--use-vllm" if use_vllm else "--no-use-vllm"]
+    with open(f"{args.out}.{'vllm' if use_vllm else 'transformers'}.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"grpo.py failed (exit {proc.returncode}); see {log.name}")
+
+
+def direct_baselines(args: BenchArgs, steps: int) -> dict:
+    """The same work without the trainer: raw vLLM generate of the same prompts with the same
+    sampling settings and seeds, then a plain forward (no grad) and a plain forward+backward +
+    AdamW step of those completions in the same micro-batches."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import grpo
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM
+
+    grpo.init_distributed()
+    gargs = grpo.Args(model=args.model, dataset=args.dataset, prompts_per_step=args.prompts_per_step,
+                      num_generations=args.num_generations, max_completion_length=args.max_completion_length)
+    tok = grpo.load_tokenizer(args.model)
+    ds, q, a = grpo.load_rows(gargs)
+    examples, _, _ = grpo.prepare_prompts(ds, q, a, tok, gargs)
+    stop = grpo.stop_token_ids(args.model, tok)
+    llm = LLM(model=args.model, dtype=torch.float32, seed=gargs.seed, distributed_executor_backend="external_launcher",
+              gpu_memory_utilization=gargs.vllm_gpu_memory_utilization,
+              max_model_len=gargs.max_prompt_length + gargs.max_completion_length, generation_config="vllm")
+    gen_t, gen_tok, fwd_t, upd_t, tokens = [], [], [], [], []
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for step in range(steps):
+        idx = grpo.prompt_indices(step * args.prompts_per_step, args.prompts_per_step, len(examples), gargs.seed)
+        prompts = [examples[i]["prompt_ids"] for i in idx]
+        t = time.perf_counter()
+        gen = grpo.vllm_generate(llm, prompts, gargs, stop, step, 0)
+        gen_t.append(time.perf_counter() - t)
+        comps = [c for c, _ in gen]
+        gen_tok.append(sum(len(c) for c in comps))
+        reps = [p for p in prompts for _ in range(args.num_generations)]
+        mbs = [range(s, s + args.micro_batch_size) for s in range(0, len(comps), args.micro_batch_size)]
+        t = time.perf_counter()
+        with torch.no_grad():
+            for ix in mbs:
+                grpo.completion_logprobs(model, grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], tok.pad_token_id, "cpu"), 1.0)
+        fwd_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for ix in mbs:
+            b = grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], tok.pad_token_id, "cpu")
+            logp, _ = grpo.completion_logprobs(model, b, 1.0, with_entropy=True)
+            (logp * b["completion_mask"]).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        upd_t.append(time.perf_counter() - t)
+        tokens.append(gen_tok[-1])
+    s = slice(1, None) if steps > 1 else slice(None)
+    return {"generate_s": statistics.mean(gen_t[s]), "tokens": statistics.mean(tokens[s]),
+            "generate_tok_per_s": sum(gen_tok[s]) / sum(gen_t[s]),
+            "forward_s_per_1k_tok": 1000 * sum(fwd_t[s]) / sum(tokens[s]),
+            "fwd_bwd_step_s_per_1k_tok": 1000 * sum(upd_t[s]) / sum(tokens[s])}
+
+
+def summarise(m: list, skip_first: bool) -> dict:
+    """Mean phase times of grpo.py's metrics, and per-token rates (lengths vary between runs)."""
+    step_tokens = [r["tokens/generated_total"] - (m[i - 1]["tokens/generated_total"] if i else 0) for i, r in enumerate(m)]
+    first = 1 if skip_first and len(m) > 1 else 0
+    rows, per_step_tokens = m[first:], step_tokens[first:]
+    n = len(rows)
+    out = {k.split("/")[-1] + "_s": sum(r[k] for r in rows) / n for k in
+           ("time/generate", "time/logprobs", "time/update", "time/weight_sync", "time/step")}
+    out["tokens"] = sum(per_step_tokens) / n
+    out["generate_tok_per_s"] = sum(per_step_tokens) / sum(r["time/generate"] for r in rows)
+    out["logprobs_s_per_1k_tok"] = 1000 * sum(r["time/logprobs"] for r in rows) / sum(per_step_tokens)
+    out["update_s_per_1k_tok"] = 1000 * sum(r["time/update"] for r in rows) / sum(per_step_tokens)
+    out["weight_sync_frac_of_step"] = sum(r["time/weight_sync"] for r in rows) / sum(r["time/step"] for r in rows)
+    return out
+
+
+def main() -> None:
+    args = tyro.cli(BenchArgs)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    runs = args.out + ".runs"
+    vllm_run = summarise(run_grpo(args, os.path.join(runs, "vllm"), True, args.steps), skip_first=True)
+    hf_run = summarise(run_grpo(args, os.path.join(runs, "transformers"), False, args.hf_steps), skip_first=args.hf_steps > 1)
+    direct = direct_baselines(args, args.steps)
+    # the log-prob phase is one reference forward per micro-batch (β > 0, μ = 1): compare it to a
+    # plain forward; the update is forward+backward+AdamW: compare it to the plain equivalent
+    ratios = {
+        "weight_sync_frac_of_step": vllm_run["weight_sync_frac_of_step"],
+        "vllm_over_hf_generate_speedup": vllm_run["generate_tok_per_s"] / hf_run["generate_tok_per_s"],
+        "generate_slowdown_vs_raw_vllm": direct["generate_tok_per_s"] / vllm_run["generate_tok_per_s"],
+        "logprobs_slowdown_vs_plain_forward": vllm_run["logprobs_s_per_1k_tok"] / direct["forward_s_per_1k_tok"],
+        "update_slowdown_vs_plain_fwd_bwd": vllm_run["update_s_per_1k_tok"] / direct["fwd_bwd_step_s_per_1k_tok"],
+    }
+    targets = {
+        "weight_sync_frac_of_step": ratios["weight_sync_frac_of_step"] < 0.05,
+        "vllm_over_hf_generate_speedup": ratios["vllm_over_hf_generate_speedup"] >= 5,
+        "generate_slowdown_vs_raw_vllm": ratios["generate_slowdown_vs_raw_vllm"] <= 1.2,
+        "logprobs_slowdown_vs_plain_forward": ratios["logprobs_slowdown_vs_plain_forward"] <= 1.2,
+        "update_slowdown_vs_plain_fwd_bwd": ratios["update_slowdown_vs_plain_fwd_bwd"] <= 1.2,
+    }
+    result = {"settings": asdict(args), "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "cuda": torch.cuda.is_available()}, "grpo_vllm": vllm_run, "grpo_transformers": hf_run,
+              "direct": direct, "ratios": ratios, "targets_met": targets, "date": time.strftime("%Y-%m-%d %H:%M")}
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    lines = ["| measure | value | target | met |", "|---|---|---|---|"]
+    goal = {"weight_sync_frac_of_step": "< 0.05", "vllm_over_hf_generate_speedup": ">= 5",
+            "generate_slowdown_vs_raw_vllm": "<= 1.2", "logprobs_slowdown_vs_plain_forward": "<= 1.2",
+            "update_slowdown_vs_plain_fwd_bwd": "<= 1.2"}
+    for k, v in ratios.items():
+        lines.append(f"| {k} | {v:.3f} | {goal[k]} | {'yes' if targets[k] else 'NO'} |")
+    lines += ["", "| phase (mean per step) | grpo.py + vLLM | grpo.py + transformers | direct |", "|---|---|---|---|"]
+    lines.append(f"| generate (s) | {vllm_run['generate_s']:.2f} | {hf_run['generate_s']:.2f} | {direct['generate_s']:.2f} (raw vLLM) |")
+    lines.append(f"| generate tokens/s | {vllm_run['generate_tok_per_s']:.0f} | {hf_run['generate_tok_per_s']:.0f} | {direct['generate_tok_per_s']:.0f} |")
+    lines.append(f"| log-probs (s / 1k tokens) | {vllm_run['logprobs_s_per_1k_tok']:.3f} | {hf_run['logprobs_s_per_1k_tok']:.3f} | {direct['forward_s_per_1k_tok']:.3f} (plain forward) |")
+    lines.append(f"| update (s / 1k tokens) | {vllm_run['update_s_per_1k_tok']:.3f} | {hf_run['update_s_per_1k_tok']:.3f} | {direct['fwd_bwd_step_s_per_1k_tok']:.3f} (plain fwd+bwd+AdamW) |")
+    lines.append(f"| weight sync (s) | {vllm_run['weight_sync_s']:.3f} | - | - |")
+    lines.append(f"| step (s) | {vllm_run['step_s']:.2f} | {hf_run['step_s']:.2f} | - |")
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

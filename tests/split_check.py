@@ -1,0 +1,65 @@
+"""One optimizer step of a training script's `update_policy` on a fixed rollout, saved to a file,
+so that a test can compare ways of splitting the same step across ranks and micro-batches.
+
+    python tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE
+    deepspeed --num_gpus 2 tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE
+
+The 8 completions (2 groups of 4, lengths 1..8) are the same in every launch; rank r trains on
+its contiguous share. SGD with lr 1 and no clipping makes the weight change equal to the
+gradient, so any error in how the loss is normalised across micro-batches or ranks shows
+(Adam would hide a constant factor).
+"""
+
+import importlib
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+N, G = 8, 4
+
+
+def fixed_rollout(pad_id: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (3 + i % 3,), generator=g).tolist() for i in range(N)]
+    completions = [torch.randint(5, 200, (i + 1,), generator=g).tolist() for i in range(N)]
+    return dict(prompt_ids=prompts, completion_ids=completions, lengths=[len(c) for c in completions],
+                advantages=torch.randn(N, generator=g), pad_id=pad_id,
+                keep=torch.tensor([True] * G + [False] * G))  # loss mask, for scripts that have one
+
+
+def main() -> None:
+    positional = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    module_name, model_dir, out, micro = positional[0], positional[1], positional[2], int(positional[3])
+    algo = importlib.import_module(module_name)
+    algo.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        args = algo.Args(micro_batch_size=micro, loss_type=loss_type, beta=0.0, max_completion_length=8,
+                         num_iterations=1, num_mini_batches=1)
+        args.epsilon_high_ = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        full = fixed_rollout(pad_id=0)
+        share = N // world
+        mine = slice(rank * share, (rank + 1) * share)
+        rollout = {k: (v[mine] if isinstance(v, (list, torch.Tensor)) else v) for k, v in full.items()}
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": share // micro,
+                  "gradient_clipping": 0.0, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config)
+        algo.update_policy(engine, rollout, {}, {}, args, algo.Metrics(), torch.device("cpu"), torch.Generator())
+        params = list(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            results[loss_type] = {n: p.detach().clone() for n, p in params}
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
