@@ -159,6 +159,12 @@ def correctness_reward_last_number(prompts, completions, answer, **kwargs) -> li
     return correctness_reward(prompts, completions, answer, last_number_fallback=True)
 
 
+def correctness_pm1(prompts, completions, answer, **kwargs) -> list:
+    """AGPO's reward (ALGORITHMS.md §2): +1 if the final answer is correct, −1 otherwise (no answer
+    counts as wrong); None where the gold does not parse."""
+    return [None if s is None else 2.0 * s - 1.0 for s in correctness_reward(prompts, completions, answer)]
+
+
 def format_reward(prompts, completions, **kwargs) -> list:
     r"""1.0 if the completion ends its reasoning with exactly one well-formed ``\boxed{...}``."""
     out = []
@@ -224,6 +230,7 @@ def length_penalty(prompts, completions, answer, completion_ids, num_generations
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "correctness": correctness_reward,
     "correctness_last_number": correctness_reward_last_number,
+    "correctness_pm1": correctness_pm1,
     "format": format_reward,
     "length_penalty": length_penalty,
 }

@@ -5,3 +5,8 @@ def letter_a(prompts, completions, **kwargs):
     """Fraction of a completion's characters that are the letter 'a' (a random tiny model gets some)."""
     return [text.count("a") / max(len(text), 1) for text in completions]
 
+
+def has_a_pm1(prompts, completions, **kwargs):
+    """+1 if the completion contains the letter 'a', else −1: a ±1 "correctness" that a random tiny
+    model gets right about half the time, so its groups are mixed."""
+    return [1.0 if "a" in text else -1.0 for text in completions]
