@@ -1,0 +1,332 @@
+"""Evaluate checkpoints or hub models on math benchmarks: accuracy (avg@n, pass@k, maj@n) and the
+tokens spent, with vLLM, the training scripts' prompt template, and rewards.py's correctness.
+
+    python eval.py --model runs/grpo__1__1795308138/checkpoint-200 --model Qwen/Qwen2.5-0.5B-Instruct \
+        --datasets gsm8k math500 --n 4 --temperature 0.6
+    python eval.py --model $MODEL --datasets gsm8k aime24 --data-dir ../shared/data     # no hub
+"""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+
+import gc
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal, Optional
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import rewards
+
+
+@dataclass
+class Args:
+    model: Annotated[list[str], tyro.conf.UseAppendAction]
+    """a checkpoint directory or hub id; repeat --model to compare models"""
+    datasets: list[str] = field(default_factory=lambda: ["gsm8k", "math500"])
+    """presets (gsm8k math500 aime24 amc23 minerva olympiadbench svamp multiarith) or .jsonl/.parquet files"""
+    data_dir: Optional[str] = None
+    """load presets from this directory (file names as in ../shared/data) instead of the hub"""
+    question_field: Optional[str] = None
+    """question column of .jsonl/.parquet files that are not presets"""
+    answer_field: Optional[str] = None
+    """gold-answer column of .jsonl/.parquet files that are not presets"""
+    limit: Optional[int] = None
+    """evaluate only the first K problems of each data set"""
+    n: int = 1
+    """samples per problem (avg@n, pass@k for k ≤ n, maj@n)"""
+    temperature: float = 0.0
+    """sampling temperature (0: greedy)"""
+    top_p: float = 1.0
+    """nucleus sampling threshold"""
+    max_tokens: int = 1024
+    """most tokens per completion (the budget)"""
+    template: Literal["chat", "plain"] = "chat"
+    """chat: the tokenizer's chat template, as in training; plain: 'Question: ...\\nAnswer:'"""
+    system_prompt: Optional[str] = None
+    """system message of the chat template (as the training scripts' --system-prompt)"""
+    prompt_suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
+    """appended to every question (as the training scripts' --prompt-suffix)"""
+    seed: int = 0
+    """sampling seed"""
+    use_vllm: bool = True
+    """generate with vLLM (else transformers generate)"""
+    vllm_gpu_memory_utilization: float = 0.85
+    """fraction of GPU memory vLLM may take (on CPU: of main memory)"""
+    hf_batch_size: int = 8
+    """prompts per transformers generate call (fallback only)"""
+    output_dir: str = "eval_results"
+    """results.json, results.md and one completions JSONL per model × data set go here"""
+    track: bool = False
+    """log the results to Weights & Biases"""
+    wandb_project_name: str = "grpo-eval"
+    """the wandb project"""
+
+
+# Where each benchmark lives and which fields hold question and gold (first match wins; hub
+# copies and local files name them differently). SVAMP's question is Body + " " + Question.
+PRESETS = {
+    "gsm8k": dict(hub=("openai/gsm8k", "main", "test"), file="gsm8k_test.jsonl", q=("question",), a=("answer",)),
+    "math500": dict(hub=("HuggingFaceH4/MATH-500", None, "test"), file="math500_test.jsonl", q=("problem",), a=("answer", "solution")),
+    "aime24": dict(hub=("HuggingFaceH4/aime_2024", None, "train"), file="aime24_test.jsonl", q=("problem",), a=("answer",)),
+    "amc23": dict(hub=("math-ai/amc23", None, "test"), file="amc23_test.jsonl", q=("problem", "question"), a=("answer",)),
+    "minerva": dict(hub=("math-ai/minervamath", None, "test"), file="minerva_math_test.jsonl", q=("problem", "question"), a=("solution", "answer")),
+    "olympiadbench": dict(hub=("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"), file="olympiadbench_test.jsonl", q=("question",), a=("final_answer",)),
+    "svamp": dict(hub=("ChilleD/SVAMP", None, "test"), file="svamp_test.jsonl", q=("Body+Question",), a=("Answer",)),
+    "multiarith": dict(hub=("ChilleD/MultiArith", None, "test"), file="multiarith_test.jsonl", q=("input", "question"), a=("target", "final_ans")),
+}
+
+
+# --- metrics (pure, tested) -----------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. 2021: 1 − C(n−c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def answer_key(completion: str) -> Optional[str]:
+    r"""The voted answer of a completion: its last \boxed{} content, whitespace-normalised."""
+    ans = rewards.extract_answer(completion)
+    return None if ans is None else " ".join(ans.split())
+
+
+def majority_correct(completions: list, gold: str) -> bool:
+    """maj@n: the most frequent answer (first seen wins ties; no answer never wins) is correct."""
+    keys = [k for k in (answer_key(c) for c in completions) if k is not None]
+    if not keys:
+        return False
+    return rewards.is_correct(Counter(keys).most_common(1)[0][0], gold)
+
+
+def ks_for(n: int) -> list[int]:
+    return sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n} | {n})
+
+
+def summarise(problems: list, n: int) -> dict:
+    """Every reported number for one model × data set."""
+    lengths = [L for p in problems for L in p["lengths"]]
+    correct_lengths = [L for p in problems for L, ok in zip(p["lengths"], p["correct"]) if ok]
+    out = {f"avg@{n}": statistics.mean(sum(p["correct"]) / n for p in problems)}
+    for k in ks_for(n):
+        out[f"pass@{k}"] = statistics.mean(pass_at_k(n, sum(p["correct"]), k) for p in problems)
+    out[f"maj@{n}"] = statistics.mean(float(p["majority_correct"]) for p in problems)
+    out["tokens_mean"] = statistics.mean(lengths)
+    out["tokens_median"] = statistics.median(lengths)
+    out["tokens_correct_mean"] = statistics.mean(correct_lengths) if correct_lengths else float("nan")
+    out["problems"] = len(problems)
+    return out
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def _field(row: dict, names) -> Optional[object]:
+    for name in names:
+        if name == "Body+Question" and "Body" in row and "Question" in row:
+            return f"{str(row['Body']).strip()} {str(row['Question']).strip()}"
+        if name in row and row[name] not in (None, ""):
+            return row[name]
+    return None
+
+
+def load_problems(name: str, args: Args) -> tuple[list, int]:
+    """(problems with question and gold, rows skipped for a missing field or an unparseable gold)."""
+    import datasets
+
+    preset = PRESETS.get(name)
+    try:
+        if preset and args.data_dir:
+            path = os.path.join(args.data_dir, preset["file"])
+            if not os.path.isfile(path):
+                raise SystemExit(f"--data-dir {args.data_dir}: no {preset['file']} for {name}")
+            ds = datasets.load_dataset("json", data_files=path, split="train")
+        elif preset:
+            path, config, split = preset["hub"]
+            ds = datasets.load_dataset(path, config, split=split)
+        elif os.path.splitext(name)[1] in (".jsonl", ".json", ".parquet"):
+            if not os.path.isfile(name):
+                raise SystemExit(f"--datasets {name}: no such file")
+            ds = datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name, split="train")
+        else:
+            raise SystemExit(f"--datasets {name}: not a preset ({', '.join(PRESETS)}) nor a .jsonl/.parquet file")
+    except SystemExit:
+        raise
+    except Exception as e:
+        raise SystemExit(f"--datasets {name}: cannot load it ({type(e).__name__}: {str(e)[:200]}). Without a hub, "
+                         "give --data-dir ../shared/data (or a directory with the same file names).") from None
+    q_names = (args.question_field,) if args.question_field else (preset["q"] if preset else ("question", "problem", "input"))
+    a_names = (args.answer_field,) if args.answer_field else (preset["a"] if preset else ("answer", "solution", "final_answer"))
+    problems, skipped = [], 0
+    for i, row in enumerate(ds):
+        if args.limit is not None and len(problems) >= args.limit:
+            break
+        question, gold = _field(row, q_names), rewards.extract_gold(_field(row, a_names))
+        if question is None or not rewards.gold_is_scorable(gold):
+            skipped += 1
+            continue
+        problems.append({"index": i, "question": str(question), "gold": gold})
+    return problems, skipped
+
+
+def build_prompt(tokenizer, question: str, args: Args) -> str:
+    """The training scripts' prompt (grpo.py's build_prompt; a test keeps the two identical)."""
+    text = question.strip() + args.prompt_suffix
+    if args.template == "plain":
+        return f"Question: {text}\nAnswer:"
+    messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + [
+        {"role": "user", "content": text}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+def generate_vllm(llm, prompt_ids: list, args: Args) -> list:
+    """One batched call per data set: n completions per prompt as (token ids, text)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=True)
+    return [[(list(o.token_ids), o.text) for o in out.outputs] for out in outs]
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list) -> list:
+    from transformers import GenerationConfig
+
+    torch.manual_seed(args.seed)
+    pad = tokenizer.pad_token_id
+    greedy = args.temperature == 0
+    config = GenerationConfig(do_sample=not greedy, temperature=None if greedy else args.temperature, top_p=None if greedy else args.top_p,
+                              top_k=None if greedy else 0, max_new_tokens=args.max_tokens, num_return_sequences=args.n,
+                              eos_token_id=stop_ids, pad_token_id=pad)
+    results = []
+    for s in tqdm(range(0, len(prompt_ids), args.hf_batch_size), desc="generate", leave=False):
+        chunk = prompt_ids[s : s + args.hf_batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long().to(model.device)
+        rows = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)[:, width:].tolist()
+        for j in range(len(chunk)):
+            samples = []
+            for row in rows[j * args.n : (j + 1) * args.n]:
+                cut = next((t + 1 for t, tok in enumerate(row) if tok in stop_ids), len(row))
+                samples.append((row[:cut], tokenizer.decode(row[:cut], skip_special_tokens=True)))
+            results.append(samples)
+    return results
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    if args.n < 1 or args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise SystemExit("--n and --max-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    if args.n > 1 and args.temperature == 0:
+        print("note: --n > 1 with --temperature 0 samples the same greedy completion n times")
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    for m in args.model:  # every model is checked before any work starts
+        try:
+            AutoConfig.from_pretrained(m)
+        except Exception as e:
+            raise SystemExit(f"--model {m}: cannot load it ({type(e).__name__}); give a checkpoint directory "
+                             "(config.json, weights, tokenizer) or a hub id with the hub reachable") from None
+    data = {name: load_problems(name, args) for name in args.datasets}
+    for name, (problems, skipped) in data.items():
+        if not problems:
+            raise SystemExit(f"--datasets {name}: no usable problems ({skipped} rows skipped)")
+    if args.use_vllm:
+        try:
+            from vllm import LLM
+        except Exception as e:
+            print(f"vLLM is not importable ({type(e).__name__}: {e}); generating with transformers instead")
+            args.use_vllm = False
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = {"settings": asdict(args), "date": time.strftime("%Y-%m-%d %H:%M"), "results": {}}
+    for model_name in tqdm(args.model, desc="models"):
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        stop_ids = {tokenizer.eos_token_id}
+        try:
+            eos = GenerationConfig.from_pretrained(model_name).eos_token_id
+            stop_ids.update(eos if isinstance(eos, list) else [eos])
+        except Exception:
+            pass
+        stop_ids = sorted(i for i in stop_ids if i is not None)
+        if args.use_vllm:
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            engine = LLM(model=model_name, dtype=dtype, seed=args.seed, generation_config="vllm",
+                         gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            engine = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
+            engine.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        for name, (problems, skipped) in data.items():
+            prompts = [build_prompt(tokenizer, p["question"], args) for p in problems]
+            prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            if args.use_vllm:
+                samples = generate_vllm(engine, prompt_ids, args)
+            else:
+                samples = generate_hf(engine, tokenizer, prompt_ids, args, stop_ids)
+            rows = []
+            for p, prompt, outs in zip(problems, prompts, samples):
+                texts = [t for _, t in outs]
+                rows.append({**p, "prompt": prompt, "completions": texts, "lengths": [len(ids) for ids, _ in outs],
+                             "correct": [rewards.is_correct(rewards.extract_answer(t), p["gold"]) for t in texts],
+                             "answers": [answer_key(t) for t in texts], "majority_correct": majority_correct(texts, p["gold"])})
+            summary = summarise(rows, args.n)
+            summary["rows_skipped"] = skipped
+            label = name if name in PRESETS else os.path.basename(name)
+            results["results"].setdefault(model_name, {})[label] = summary
+            safe = model_name.strip("/").replace("/", "__")
+            with open(os.path.join(args.output_dir, f"{safe}__{label}.jsonl"), "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        del engine
+        gc.collect()
+
+    # the table a paper would print, with the protocol next to the numbers
+    n = args.n
+    cols = [f"avg@{n}"] + [f"pass@{k}" for k in ks_for(n) if k > 1] + [f"maj@{n}", "tokens_mean", "tokens_median", "tokens_correct_mean", "problems", "rows_skipped"]
+    lines = [f"Protocol: template={args.template}, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
+             f"max_tokens={args.max_tokens}, seed={args.seed}" + (f", limit={args.limit}" if args.limit else ""), "",
+             "| model | data set | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for model_name, per_data in results["results"].items():
+        for name, s in per_data.items():
+            cells = [f"{100 * s[c]:.1f}" if c.startswith(("avg@", "pass@", "maj@")) else
+                     (f"{s[c]:.0f}" if isinstance(s[c], (int, float)) and not math.isnan(s[c]) else "-") for c in cols]
+            lines.append(f"| {model_name} | {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    if args.track:
+        import wandb
+
+        run = wandb.init(project=args.wandb_project_name, config=asdict(args), job_type="eval")
+        run.log({f"{m}/{d}/{k}": v for m, per in results["results"].items() for d, s in per.items() for k, v in s.items()})
+        run.log({"results": wandb.Table(columns=["model", "data set"] + cols,
+                                        data=[[m, d] + [s[c] for c in cols] for m, per in results["results"].items() for d, s in per.items()])})
+        run.finish()
+
+
+if __name__ == "__main__":
+    main()
