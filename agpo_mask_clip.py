@@ -878,6 +878,9 @@ def main() -> None:
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
             max_model_len=args.max_prompt_length + args.max_completion_length,
             enable_sleep_mode=args.vllm_sleep, generation_config="vllm",  # our sampling settings, not the model's defaults
+            # vLLM 0.32's CPU build crashes on a seeded request whose prefill is chunked ("CPU
+            # Generator does not use offset"), and the per-request seeds are what make --resume exact
+            enable_chunked_prefill=None if on_gpu else False,
         )
         if resume_dir:  # vLLM loaded the initial weights from disk
             sync_weights_to_vllm(engine.module, llm, args.sync_bucket_mb * 2**20)

@@ -54,12 +54,14 @@ class Args:
     """system message of the chat template (as the training scripts' --system-prompt)"""
     prompt_suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
     """appended to every question (as the training scripts' --prompt-suffix)"""
+    last_number_fallback: bool = False
+    """score the last number of a completion that has no \\boxed{} answer (for small models that do not box)"""
     seed: int = 0
     """sampling seed"""
     use_vllm: bool = True
     """generate with vLLM (else transformers generate)"""
-    vllm_gpu_memory_utilization: float = 0.85
-    """fraction of GPU memory vLLM may take (on CPU: of main memory)"""
+    vllm_gpu_memory_utilization: Optional[float] = None
+    """fraction of GPU memory vLLM may take (default 0.85; on CPU vLLM checks it against main memory: default 0.3)"""
     hf_batch_size: int = 8
     """prompts per transformers generate call (fallback only)"""
     output_dir: str = "eval_results"
@@ -94,15 +96,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def answer_key(completion: str) -> Optional[str]:
-    r"""The voted answer of a completion: its last \boxed{} content, whitespace-normalised."""
-    ans = rewards.extract_answer(completion)
+def answer_key(completion: str, last_number_fallback: bool = False) -> Optional[str]:
+    r"""The voted answer of a completion: its last \boxed{} content (or last number, with the
+    fallback), whitespace-normalised."""
+    ans = rewards.extract_answer(completion, last_number_fallback)
     return None if ans is None else " ".join(ans.split())
 
 
-def majority_correct(completions: list, gold: str) -> bool:
+def majority_correct(completions: list, gold: str, last_number_fallback: bool = False) -> bool:
     """maj@n: the most frequent answer (first seen wins ties; no answer never wins) is correct."""
-    keys = [k for k in (answer_key(c) for c in completions) if k is not None]
+    keys = [k for k in (answer_key(c, last_number_fallback) for c in completions) if k is not None]
     if not keys:
         return False
     return rewards.is_correct(Counter(keys).most_common(1)[0][0], gold)
@@ -269,8 +272,11 @@ def main() -> None:
         stop_ids = sorted(i for i in stop_ids if i is not None)
         if args.use_vllm:
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            engine = LLM(model=model_name, dtype=dtype, seed=args.seed, generation_config="vllm",
-                         gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+            memory = args.vllm_gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.3)
+            # chunked prefill off on CPU: vLLM 0.32's CPU build crashes on a seeded request whose
+            # prefill is chunked ("CPU Generator does not use offset")
+            engine = LLM(model=model_name, dtype=dtype, seed=args.seed, generation_config="vllm", gpu_memory_utilization=memory,
+                         enable_chunked_prefill=None if torch.cuda.is_available() else False)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -287,8 +293,9 @@ def main() -> None:
             for p, prompt, outs in zip(problems, prompts, samples):
                 texts = [t for _, t in outs]
                 rows.append({**p, "prompt": prompt, "completions": texts, "lengths": [len(ids) for ids, _ in outs],
-                             "correct": [rewards.is_correct(rewards.extract_answer(t), p["gold"]) for t in texts],
-                             "answers": [answer_key(t) for t in texts], "majority_correct": majority_correct(texts, p["gold"])})
+                             "answers": [answer_key(t, args.last_number_fallback) for t in texts],
+                             "correct": [rewards.is_correct(answer_key(t, args.last_number_fallback), p["gold"]) for t in texts],
+                             "majority_correct": majority_correct(texts, p["gold"], args.last_number_fallback)})
             summary = summarise(rows, args.n)
             summary["rows_skipped"] = skipped
             label = name if name in PRESETS else os.path.basename(name)
@@ -304,7 +311,8 @@ def main() -> None:
     n = args.n
     cols = [f"avg@{n}"] + [f"pass@{k}" for k in ks_for(n) if k > 1] + [f"maj@{n}", "tokens_mean", "tokens_median", "tokens_correct_mean", "problems", "rows_skipped"]
     lines = [f"Protocol: template={args.template}, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
-             f"max_tokens={args.max_tokens}, seed={args.seed}" + (f", limit={args.limit}" if args.limit else ""), "",
+             f"max_tokens={args.max_tokens}, seed={args.seed}" + (f", limit={args.limit}" if args.limit else "")
+             + (", last-number fallback" if args.last_number_fallback else ""), "",
              "| model | data set | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for model_name, per_data in results["results"].items():
         for name, s in per_data.items():

@@ -100,3 +100,16 @@ def test_end_to_end_transformers(tiny_model, tmp_path):
 @pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
 def test_end_to_end_vllm(tiny_model, tmp_path):
     _eval_run(tiny_model, tmp_path, [])
+
+
+@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+def test_vllm_seeded_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
+    """Seeded requests whose prefill vLLM would chunk crashed vLLM 0.32's CPU build ("CPU
+    Generator does not use offset"); the scripts turn chunked prefill off on CPU."""
+    filler = " and then one more apple" * 30
+    data = write_jsonl(str(tmp_path / "long.jsonl"), [{"question": f"Start with {a}{filler}. How many?", "answer": f"#### {a}"} for a in range(24)])
+    out = str(tmp_path / "out")
+    run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--datasets", data, "--n", "2", "--temperature", "1.0",
+                "--max-tokens", "4", "--output-dir", out], cwd=str(tmp_path))
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["results"][tiny_model]["long.jsonl"]["problems"] == 24
