@@ -90,6 +90,7 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
     stop = grpo.stop_token_ids(args.model, tok)
     llm = LLM(model=args.model, dtype=torch.float32, seed=gargs.seed, distributed_executor_backend="external_launcher",
               gpu_memory_utilization=gargs.vllm_gpu_memory_utilization,
+              enable_chunked_prefill=None if torch.cuda.is_available() else False,  # as grpo.py's engine
               max_model_len=gargs.max_prompt_length + gargs.max_completion_length, generation_config="vllm")
     gen_t, gen_tok, fwd_t, upd_t, tokens = [], [], [], [], []
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
