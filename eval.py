@@ -22,6 +22,7 @@ from typing import Annotated, Literal, Optional
 import torch
 import tyro
 from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 import rewards
 
@@ -76,13 +77,37 @@ class Args:
 # copies and local files name them differently). SVAMP's question is Body + " " + Question.
 PRESETS = {
     "gsm8k": dict(hub=("openai/gsm8k", "main", "test"), file="gsm8k_test.jsonl", q=("question",), a=("answer",)),
-    "math500": dict(hub=("HuggingFaceH4/MATH-500", None, "test"), file="math500_test.jsonl", q=("problem",), a=("answer", "solution")),
-    "aime24": dict(hub=("HuggingFaceH4/aime_2024", None, "train"), file="aime24_test.jsonl", q=("problem",), a=("answer",)),
-    "amc23": dict(hub=("math-ai/amc23", None, "test"), file="amc23_test.jsonl", q=("problem", "question"), a=("answer",)),
-    "minerva": dict(hub=("math-ai/minervamath", None, "test"), file="minerva_math_test.jsonl", q=("problem", "question"), a=("solution", "answer")),
-    "olympiadbench": dict(hub=("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"), file="olympiadbench_test.jsonl", q=("question",), a=("final_answer",)),
+    "math500": dict(
+        hub=("HuggingFaceH4/MATH-500", None, "test"),
+        file="math500_test.jsonl",
+        q=("problem",),
+        a=("answer", "solution"),
+    ),
+    "aime24": dict(
+        hub=("HuggingFaceH4/aime_2024", None, "train"), file="aime24_test.jsonl", q=("problem",), a=("answer",)
+    ),
+    "amc23": dict(
+        hub=("math-ai/amc23", None, "test"), file="amc23_test.jsonl", q=("problem", "question"), a=("answer",)
+    ),
+    "minerva": dict(
+        hub=("math-ai/minervamath", None, "test"),
+        file="minerva_math_test.jsonl",
+        q=("problem", "question"),
+        a=("solution", "answer"),
+    ),
+    "olympiadbench": dict(
+        hub=("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+        file="olympiadbench_test.jsonl",
+        q=("question",),
+        a=("final_answer",),
+    ),
     "svamp": dict(hub=("ChilleD/SVAMP", None, "test"), file="svamp_test.jsonl", q=("Body+Question",), a=("Answer",)),
-    "multiarith": dict(hub=("ChilleD/MultiArith", None, "test"), file="multiarith_test.jsonl", q=("input", "question"), a=("target", "final_ans")),
+    "multiarith": dict(
+        hub=("ChilleD/MultiArith", None, "test"),
+        file="multiarith_test.jsonl",
+        q=("input", "question"),
+        a=("target", "final_ans"),
+    ),
 }
 
 
@@ -159,16 +184,26 @@ def load_problems(name: str, args: Args) -> tuple[list, int]:
         elif os.path.splitext(name)[1] in (".jsonl", ".json", ".parquet"):
             if not os.path.isfile(name):
                 raise SystemExit(f"--datasets {name}: no such file")
-            ds = datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name, split="train")
+            ds = datasets.load_dataset(
+                "parquet" if name.endswith(".parquet") else "json", data_files=name, split="train"
+            )
         else:
             raise SystemExit(f"--datasets {name}: not a preset ({', '.join(PRESETS)}) nor a .jsonl/.parquet file")
     except SystemExit:
         raise
     except Exception as e:
-        raise SystemExit(f"--datasets {name}: cannot load it ({type(e).__name__}: {str(e)[:200]}). Without a hub, "
-                         "give --data-dir ../shared/data (or a directory with the same file names).") from None
-    q_names = (args.question_field,) if args.question_field else (preset["q"] if preset else ("question", "problem", "input"))
-    a_names = (args.answer_field,) if args.answer_field else (preset["a"] if preset else ("answer", "solution", "final_answer"))
+        raise SystemExit(
+            f"--datasets {name}: cannot load it ({type(e).__name__}: {str(e)[:200]}). Without a hub, "
+            "give --data-dir ../shared/data (or a directory with the same file names)."
+        ) from None
+    q_names = (
+        (args.question_field,) if args.question_field else (preset["q"] if preset else ("question", "problem", "input"))
+    )
+    a_names = (
+        (args.answer_field,)
+        if args.answer_field
+        else (preset["a"] if preset else ("answer", "solution", "final_answer"))
+    )
     problems, skipped = [], 0
     for i, row in enumerate(ds):
         if args.limit is not None and len(problems) >= args.limit:
@@ -192,34 +227,165 @@ def build_prompt(tokenizer, question: str, args: Args) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# --- checks before any model loads --------------------------------------------------------------
+
+
+def flag_errors(args: Args) -> list[str]:
+    """What vLLM or transformers would reject about these flags, each naming the flag and the fix.
+
+    They would raise only at generation, after minutes of model loading, and in their own words
+    (``n must be 1 when using greedy sampling``); here the run stops before anything loads.
+    """
+    errors = []
+    if args.n < 1:
+        errors.append(f"--n {args.n}: samples per problem must be >= 1 (e.g. --n 1)")
+    elif args.n > 1 and args.temperature == 0:
+        errors.append(
+            f"--n {args.n} with --temperature 0: greedy decoding gives n identical samples (vLLM and "
+            "transformers refuse it); sample with e.g. --temperature 0.6, or evaluate greedily with --n 1"
+        )
+    if not args.temperature >= 0:  # also catches nan
+        errors.append(f"--temperature {args.temperature}: must be >= 0 (0: greedy; e.g. --temperature 0.6 to sample)")
+    elif args.use_vllm and args.temperature > 2:
+        errors.append(
+            f"--temperature {args.temperature}: vLLM accepts at most 2; give --temperature 2 or less, "
+            "or generate with transformers (--no-use-vllm)"
+        )
+    if not 0 < args.top_p <= 1:
+        errors.append(f"--top-p {args.top_p}: must be in (0, 1] (1 keeps every token; e.g. --top-p 0.95)")
+    if args.max_tokens < 1:
+        errors.append(f"--max-tokens {args.max_tokens}: the completion budget must be >= 1 (e.g. --max-tokens 1024)")
+    if args.limit is not None and args.limit < 1:
+        errors.append(f"--limit {args.limit}: must be >= 1 (leave it out to evaluate every problem)")
+    memory = args.vllm_gpu_memory_utilization
+    if memory is not None and not 0 < memory <= 1:
+        errors.append(
+            f"--vllm-gpu-memory-utilization {memory}: a fraction of the memory, must be in (0, 1] "
+            "(e.g. 0.85; leave it out for the default)"
+        )
+    if args.hf_batch_size < 1:
+        errors.append(
+            f"--hf-batch-size {args.hf_batch_size}: prompts per generate call must be >= 1 (e.g. --hf-batch-size 8)"
+        )
+    return errors
+
+
+def max_positions(config, tokenizer) -> tuple[Optional[int], str]:
+    """The longest sequence (prompt + completion) a model takes, and the setting that says so: as vLLM
+    derives its default max_model_len (and refuses a longer one), max_position_embeddings (n_positions for
+    GPT-2) times a linear/dynamic RoPE scaling factor, capped by the tokenizer's model_max_length."""
+    key = next((k for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None)
+    if key is None:
+        return None, ""
+    limit, name = getattr(config, key), f"{key} ({getattr(config, key)})"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic")
+    if scaled and rope.get("factor"):
+        limit, name = int(limit * rope["factor"]), f"{name} x RoPE factor {rope['factor']}"
+    model_max_length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max_length, int) and model_max_length < limit:
+        limit, name = model_max_length, f"the tokenizer's model_max_length ({model_max_length})"
+    return limit, name
+
+
+def length_error(model: str, config, tokenizer, longest: dict, args: Args) -> Optional[str]:
+    """Whether each data set's longest prompt plus --max-tokens fits the model (None) or what to change.
+
+    Past it vLLM refuses the prompt or silently cuts the budget, and transformers runs positions the
+    model never saw, so the reported token budget would not be the one used.
+    """
+    limit, name = max_positions(config, tokenizer)
+    if limit is None:
+        return None
+    for data_name, prompt_tokens in longest.items():
+        if prompt_tokens + args.max_tokens > limit:
+            room = limit - prompt_tokens
+            fix = f"lower --max-tokens to {room} or less" if room >= 1 else "the prompt alone is too long"
+            return (
+                f"--max-tokens {args.max_tokens}: the longest prompt of {data_name} has {prompt_tokens} tokens, "
+                f"and {prompt_tokens} + {args.max_tokens} exceeds {model}'s {name}, which vLLM does not go past; "
+                f"{fix}, or leave out the longest prompts (--limit, a shorter --prompt-suffix/--system-prompt)"
+            )
+    return None
+
+
 # --- generation ---------------------------------------------------------------------------------
 
 
-def generate_vllm(llm, prompt_ids: list, args: Args) -> list:
-    """One batched call per data set: n completions per prompt as (token ids, text)."""
+def end_of_turn_token_id(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant message (`<|im_end|>`
+    for Qwen2.5), or None: base models end their turn with it, not with their EOS."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "MARKER_6b1f"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that rejects this conversation has no end-of-turn token to find
+        return None
+    tail = text.split(marker)[-1].lstrip()
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(model: str, tokenizer) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS, the generation config's EOS ids and the
+    chat template's end-of-turn token (docs/algorithms.md (6.5))."""
+    ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+    except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
+        pass
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list) -> list:
+    """One batched call per data set: n completions per prompt as (token ids, text). A completion
+    that ends at a stop id keeps it among its token ids (vLLM treats stop_token_ids as it does EOS:
+    the id is counted, only its text is left out), as generate_hf does."""
     from vllm import SamplingParams
 
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop_token_ids=stop_ids,
+    )
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=True)
     return [[(list(o.token_ids), o.text) for o in out.outputs] for out in outs]
 
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list) -> list:
-    from transformers import GenerationConfig
-
+    """As generate_vllm, with transformers: a completion is cut after its first stop id."""
     torch.manual_seed(args.seed)
     pad = tokenizer.pad_token_id
     greedy = args.temperature == 0
-    config = GenerationConfig(do_sample=not greedy, temperature=None if greedy else args.temperature, top_p=None if greedy else args.top_p,
-                              top_k=None if greedy else 0, max_new_tokens=args.max_tokens, num_return_sequences=args.n,
-                              eos_token_id=stop_ids, pad_token_id=pad)
+    config = GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else args.temperature,
+        top_p=None if greedy else args.top_p,
+        top_k=None if greedy else 0,
+        max_new_tokens=args.max_tokens,
+        num_return_sequences=args.n,
+        eos_token_id=stop_ids,
+        pad_token_id=pad,
+    )
     results = []
     for s in tqdm(range(0, len(prompt_ids), args.hf_batch_size), desc="generate", leave=False):
         chunk = prompt_ids[s : s + args.hf_batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-        attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long().to(model.device)
+        attn = (
+            (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None])
+            .long()
+            .to(model.device)
+        )
         rows = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)[:, width:].tolist()
         for j in range(len(chunk)):
             samples = []
@@ -235,22 +401,38 @@ def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list) 
 
 def main() -> None:
     args = tyro.cli(Args)
-    if args.n < 1 or args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise SystemExit("--n and --max-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]")
-    if args.n > 1 and args.temperature == 0:
-        print("note: --n > 1 with --temperature 0 samples the same greedy completion n times")
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
+    errors = flag_errors(args)
+    if errors:
+        raise SystemExit("\n".join(errors))
+    configs = {}
     for m in args.model:  # every model is checked before any work starts
         try:
-            AutoConfig.from_pretrained(m)
+            configs[m] = AutoConfig.from_pretrained(m)
         except Exception as e:
-            raise SystemExit(f"--model {m}: cannot load it ({type(e).__name__}); give a checkpoint directory "
-                             "(config.json, weights, tokenizer) or a hub id with the hub reachable") from None
+            raise SystemExit(
+                f"--model {m}: cannot load it ({type(e).__name__}); give a checkpoint directory "
+                "(config.json, weights, tokenizer) or a hub id with the hub reachable"
+            ) from None
     data = {name: load_problems(name, args) for name in args.datasets}
     for name, (problems, skipped) in data.items():
         if not problems:
             raise SystemExit(f"--datasets {name}: no usable problems ({skipped} rows skipped)")
+    # per model: tokenizer, stop ids, and every prompt, so that the length check comes before any weights load
+    prepared = {}
+    for model_name in args.model:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        prompts = {
+            name: [build_prompt(tokenizer, p["question"], args) for p in problems]
+            for name, (problems, _) in data.items()
+        }
+        prompt_ids = {name: tokenizer(texts, add_special_tokens=False)["input_ids"] for name, texts in prompts.items()}
+        longest = {name: max(len(ids) for ids in per_data) for name, per_data in prompt_ids.items()}
+        error = length_error(model_name, configs[model_name], tokenizer, longest, args)
+        if error:
+            raise SystemExit(error)
+        prepared[model_name] = (tokenizer, stop_token_ids(model_name, tokenizer), prompts, prompt_ids)
     if args.use_vllm:
         try:
             from vllm import LLM
@@ -260,42 +442,49 @@ def main() -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     results = {"settings": asdict(args), "date": time.strftime("%Y-%m-%d %H:%M"), "results": {}}
     for model_name in tqdm(args.model, desc="models"):
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        stop_ids = {tokenizer.eos_token_id}
-        try:
-            eos = GenerationConfig.from_pretrained(model_name).eos_token_id
-            stop_ids.update(eos if isinstance(eos, list) else [eos])
-        except Exception:
-            pass
-        stop_ids = sorted(i for i in stop_ids if i is not None)
+        tokenizer, stop_ids, model_prompts, model_prompt_ids = prepared[model_name]
         if args.use_vllm:
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
             memory = args.vllm_gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.3)
             # chunked prefill off on CPU: vLLM 0.32's CPU build crashes on a seeded request whose
             # prefill is chunked ("CPU Generator does not use offset")
-            engine = LLM(model=model_name, dtype=dtype, seed=args.seed, generation_config="vllm", gpu_memory_utilization=memory,
-                         enable_chunked_prefill=None if torch.cuda.is_available() else False)
+            engine = LLM(
+                model=model_name,
+                dtype=dtype,
+                seed=args.seed,
+                generation_config="vllm",
+                gpu_memory_utilization=memory,
+                enable_chunked_prefill=None if torch.cuda.is_available() else False,
+            )
         else:
             from transformers import AutoModelForCausalLM
 
-            engine = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
+            engine = AutoModelForCausalLM.from_pretrained(
+                model_name, dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16
+            )
             engine.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         for name, (problems, skipped) in data.items():
-            prompts = [build_prompt(tokenizer, p["question"], args) for p in problems]
-            prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            prompts, prompt_ids = model_prompts[name], model_prompt_ids[name]
             if args.use_vllm:
-                samples = generate_vllm(engine, prompt_ids, args)
+                samples = generate_vllm(engine, prompt_ids, args, stop_ids)
             else:
                 samples = generate_hf(engine, tokenizer, prompt_ids, args, stop_ids)
             rows = []
             for p, prompt, outs in zip(problems, prompts, samples):
                 texts = [t for _, t in outs]
-                rows.append({**p, "prompt": prompt, "completions": texts, "lengths": [len(ids) for ids, _ in outs],
-                             "answers": [answer_key(t, args.last_number_fallback) for t in texts],
-                             "correct": [rewards.is_correct(answer_key(t, args.last_number_fallback), p["gold"]) for t in texts],
-                             "majority_correct": majority_correct(texts, p["gold"], args.last_number_fallback)})
+                rows.append(
+                    {
+                        **p,
+                        "prompt": prompt,
+                        "completions": texts,
+                        "lengths": [len(ids) for ids, _ in outs],
+                        "answers": [answer_key(t, args.last_number_fallback) for t in texts],
+                        "correct": [
+                            rewards.is_correct(answer_key(t, args.last_number_fallback), p["gold"]) for t in texts
+                        ],
+                        "majority_correct": majority_correct(texts, p["gold"], args.last_number_fallback),
+                    }
+                )
             summary = summarise(rows, args.n)
             summary["rows_skipped"] = skipped
             label = name if name in PRESETS else os.path.basename(name)
@@ -309,15 +498,28 @@ def main() -> None:
 
     # the table a paper would print, with the protocol next to the numbers
     n = args.n
-    cols = [f"avg@{n}"] + [f"pass@{k}" for k in ks_for(n) if k > 1] + [f"maj@{n}", "tokens_mean", "tokens_median", "tokens_correct_mean", "problems", "rows_skipped"]
-    lines = [f"Protocol: template={args.template}, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
-             f"max_tokens={args.max_tokens}, seed={args.seed}" + (f", limit={args.limit}" if args.limit else "")
-             + (", last-number fallback" if args.last_number_fallback else ""), "",
-             "| model | data set | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    cols = (
+        [f"avg@{n}"]
+        + [f"pass@{k}" for k in ks_for(n) if k > 1]
+        + [f"maj@{n}", "tokens_mean", "tokens_median", "tokens_correct_mean", "problems", "rows_skipped"]
+    )
+    lines = [
+        f"Protocol: template={args.template}, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
+        f"max_tokens={args.max_tokens}, seed={args.seed}"
+        + (f", limit={args.limit}" if args.limit else "")
+        + (", last-number fallback" if args.last_number_fallback else ""),
+        "",
+        "| model | data set | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 2),
+    ]
     for model_name, per_data in results["results"].items():
         for name, s in per_data.items():
-            cells = [f"{100 * s[c]:.1f}" if c.startswith(("avg@", "pass@", "maj@")) else
-                     (f"{s[c]:.0f}" if isinstance(s[c], (int, float)) and not math.isnan(s[c]) else "-") for c in cols]
+            cells = [
+                f"{100 * s[c]:.1f}"
+                if c.startswith(("avg@", "pass@", "maj@"))
+                else (f"{s[c]:.0f}" if isinstance(s[c], (int, float)) and not math.isnan(s[c]) else "-")
+                for c in cols
+            ]
             lines.append(f"| {model_name} | {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
@@ -330,9 +532,19 @@ def main() -> None:
         import wandb
 
         run = wandb.init(project=args.wandb_project_name, config=asdict(args), job_type="eval")
-        run.log({f"{m}/{d}/{k}": v for m, per in results["results"].items() for d, s in per.items() for k, v in s.items()})
-        run.log({"results": wandb.Table(columns=["model", "data set"] + cols,
-                                        data=[[m, d] + [s[c] for c in cols] for m, per in results["results"].items() for d, s in per.items()])})
+        run.log(
+            {f"{m}/{d}/{k}": v for m, per in results["results"].items() for d, s in per.items() for k, v in s.items()}
+        )
+        run.log(
+            {
+                "results": wandb.Table(
+                    columns=["model", "data set"] + cols,
+                    data=[
+                        [m, d] + [s[c] for c in cols] for m, per in results["results"].items() for d, s in per.items()
+                    ],
+                )
+            }
+        )
         run.finish()
 
 

@@ -11,9 +11,17 @@ from conftest import ROOT, run_script, vllm_importable, write_jsonl
 import eval as ev
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 1, 0.4), (5, 2, 2, 1 - 3 / 10), (5, 0, 3, 0.0), (5, 4, 2, 1.0), (4, 4, 1, 1.0), (10, 3, 5, 1 - 21 / 252),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 1, 0.4),
+        (5, 2, 2, 1 - 3 / 10),
+        (5, 0, 3, 0.0),
+        (5, 4, 2, 1.0),
+        (4, 4, 1, 1.0),
+        (10, 3, 5, 1 - 21 / 252),
+    ],
+)
 def test_pass_at_k_by_hand(n, c, k, expected):
     assert ev.pass_at_k(n, c, k) == pytest.approx(expected)
 
@@ -27,8 +35,10 @@ def test_majority_vote():
 
 
 def test_summary_numbers():
-    problems = [{"lengths": [10, 20], "correct": [True, False], "majority_correct": True},
-                {"lengths": [30, 40], "correct": [False, False], "majority_correct": False}]
+    problems = [
+        {"lengths": [10, 20], "correct": [True, False], "majority_correct": True},
+        {"lengths": [30, 40], "correct": [False, False], "majority_correct": False},
+    ]
     s = ev.summarise(problems, 2)
     assert s["avg@2"] == 0.25 and s["pass@1"] == 0.25 and s["pass@2"] == 0.5 and s["maj@2"] == 0.5
     assert s["tokens_mean"] == 25 and s["tokens_median"] == 25 and s["tokens_correct_mean"] == 10
@@ -66,8 +76,9 @@ def test_same_prompt_as_training(tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     for template in ("chat", "plain"):
-        assert ev.build_prompt(tok, "What is 1+1?", ev.Args(model=["x"], template=template)) == \
-            grpo.build_prompt(tok, "What is 1+1?", grpo.Args(prompt_template=template))
+        assert ev.build_prompt(tok, "What is 1+1?", ev.Args(model=["x"], template=template)) == grpo.build_prompt(
+            tok, "What is 1+1?", grpo.Args(prompt_template=template)
+        )
 
 
 def test_missing_model_is_a_clear_error(monkeypatch, tmp_path):
@@ -77,12 +88,141 @@ def test_missing_model_is_a_clear_error(monkeypatch, tmp_path):
     assert "--model" in str(e.value.code) and "checkpoint directory" in str(e.value.code)
 
 
+# Flag combinations vLLM or transformers would reject deep inside generation, refused before any
+# model loads (the model path does not exist, so reaching it would give a different error).
+FLAG_ERRORS = [
+    (["--n", "2"], ["--n 2", "--temperature 0", "greedy", "identical", "--temperature 0.6", "--n 1"]),
+    (["--n", "0"], ["--n 0", ">= 1"]),
+    (["--temperature", "-0.5"], ["--temperature -0.5", ">= 0"]),
+    (["--temperature", "2.5"], ["--temperature 2.5", "at most 2", "--no-use-vllm"]),
+    (["--top-p", "0"], ["--top-p 0", "(0, 1]"]),
+    (["--top-p", "1.5"], ["--top-p 1.5", "(0, 1]"]),
+    (["--max-tokens", "0"], ["--max-tokens 0", ">= 1"]),
+    (["--limit", "0"], ["--limit 0", ">= 1", "leave it out"]),
+    (["--vllm-gpu-memory-utilization", "1.5"], ["--vllm-gpu-memory-utilization 1.5", "(0, 1]"]),
+    (["--vllm-gpu-memory-utilization", "0"], ["--vllm-gpu-memory-utilization 0", "(0, 1]"]),
+    (["--hf-batch-size", "0"], ["--hf-batch-size 0", ">= 1"]),
+]
+
+
+@pytest.mark.parametrize("flags, phrases", FLAG_ERRORS, ids=[" ".join(f) for f, _ in FLAG_ERRORS])
+def test_rejected_flag_combinations_are_clear_errors_up_front(flags, phrases, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--model", str(tmp_path / "nope"), "--datasets", "gsm8k", *flags])
+    with pytest.raises(SystemExit) as e:
+        ev.main()
+    message = str(e.value.code)
+    assert "cannot load" not in message  # refused before the model is even looked at
+    for phrase in phrases:
+        assert phrase in message
+
+
+def test_every_rejected_flag_is_reported_at_once(monkeypatch, tmp_path):
+    argv = ["eval.py", "--model", str(tmp_path / "nope"), "--top-p", "2", "--max-tokens", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        ev.main()
+    assert "--top-p 2" in str(e.value.code) and "--max-tokens 0" in str(e.value.code)
+
+
+def test_prompt_plus_budget_beyond_the_model_positions_is_a_clear_error(tiny_model, monkeypatch, tmp_path):
+    """vLLM rejects a max_model_len above max_position_embeddings (1024 for the tiny model)."""
+    data = write_jsonl(str(tmp_path / "q.jsonl"), [{"question": "What is 2 + 3?", "answer": "#### 5"}])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "eval.py",
+            "--model",
+            tiny_model,
+            "--datasets",
+            data,
+            "--max-tokens",
+            "1020",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
+    with pytest.raises(SystemExit) as e:
+        ev.main()
+    message = str(e.value.code)
+    for phrase in ("--max-tokens 1020", "max_position_embeddings (1024)", "--limit", "q.jsonl"):
+        assert phrase in message
+    assert not os.path.exists(tmp_path / "out")  # nothing was generated
+
+
+def _tokenizer(tmp_path, eos_token, chat_template=True):
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path))
+    tok.eos_token = eos_token
+    if not chat_template:
+        tok.chat_template = None
+    return tok
+
+
+def test_stop_tokens_include_the_chat_templates_end_of_turn(tmp_path):
+    """A base model (Qwen2.5) ends its text with <|endoftext|> but a chat turn with <|im_end|>."""
+    tok = _tokenizer(tmp_path, "<|endoftext|>")
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert ev.end_of_turn_token_id(tok) == im_end
+    assert ev.stop_token_ids(str(tmp_path), tok) == sorted([im_end, endoftext])
+
+
+def test_stop_tokens_add_the_generation_configs_eos(tmp_path):
+    from transformers import GenerationConfig
+
+    tok = _tokenizer(tmp_path, "<|endoftext|>")
+    im_start, im_end, endoftext = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    GenerationConfig(eos_token_id=[endoftext, im_start]).save_pretrained(str(tmp_path))
+    assert ev.stop_token_ids(str(tmp_path), tok) == sorted([im_start, im_end, endoftext])
+
+
+def test_stop_tokens_without_a_chat_template_are_the_eos(tmp_path):
+    tok = _tokenizer(tmp_path, "<|endoftext|>", chat_template=False)
+    assert ev.end_of_turn_token_id(tok) is None
+    assert ev.stop_token_ids(str(tmp_path), tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
+
+
+@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+def test_vllm_request_carries_the_stop_tokens():
+    class Engine:  # records the request instead of generating
+        def generate(self, prompts, params, use_tqdm):
+            self.params = params
+            return []
+
+    engine = Engine()
+    ev.generate_vllm(engine, [[1, 2]], ev.Args(model=["x"]), [7, 9])
+    assert engine.params.stop_token_ids == [7, 9]
+
+
 def _eval_run(tiny_model, tmp_path, extra):
-    data = write_jsonl(str(tmp_path / "add.jsonl"), [{"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"} for a in range(4)]
-                       + [{"question": "broken", "answer": "???{"}])
+    data = write_jsonl(
+        str(tmp_path / "add.jsonl"),
+        [{"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"} for a in range(4)]
+        + [{"question": "broken", "answer": "???{"}],
+    )
     out = str(tmp_path / "out")
-    proc = run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--datasets", data, "--n", "2",
-                       "--temperature", "1.0", "--max-tokens", "8", "--limit", "3", "--output-dir", out, *extra], cwd=str(tmp_path))
+    proc = run_script(
+        [
+            os.path.join(ROOT, "eval.py"),
+            "--model",
+            tiny_model,
+            "--datasets",
+            data,
+            "--n",
+            "2",
+            "--temperature",
+            "1.0",
+            "--max-tokens",
+            "8",
+            "--limit",
+            "3",
+            "--output-dir",
+            out,
+            *extra,
+        ],
+        cwd=str(tmp_path),
+    )
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)["results"][tiny_model]["add.jsonl"]
     lines = open(os.path.join(out, [f for f in os.listdir(out) if f.endswith(".jsonl")][0])).read().splitlines()
@@ -107,9 +247,28 @@ def test_vllm_seeded_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
     """Seeded requests whose prefill vLLM would chunk crashed vLLM 0.32's CPU build ("CPU
     Generator does not use offset"); the scripts turn chunked prefill off on CPU."""
     filler = " and then one more apple" * 30
-    data = write_jsonl(str(tmp_path / "long.jsonl"), [{"question": f"Start with {a}{filler}. How many?", "answer": f"#### {a}"} for a in range(24)])
+    data = write_jsonl(
+        str(tmp_path / "long.jsonl"),
+        [{"question": f"Start with {a}{filler}. How many?", "answer": f"#### {a}"} for a in range(24)],
+    )
     out = str(tmp_path / "out")
-    run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--datasets", data, "--n", "2", "--temperature", "1.0",
-                "--max-tokens", "4", "--output-dir", out], cwd=str(tmp_path))
+    run_script(
+        [
+            os.path.join(ROOT, "eval.py"),
+            "--model",
+            tiny_model,
+            "--datasets",
+            data,
+            "--n",
+            "2",
+            "--temperature",
+            "1.0",
+            "--max-tokens",
+            "4",
+            "--output-dir",
+            out,
+        ],
+        cwd=str(tmp_path),
+    )
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["results"][tiny_model]["long.jsonl"]["problems"] == 24
