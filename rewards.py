@@ -1,4 +1,4 @@
-"""Reward functions shared by every training script (ALGORITHMS.md "Rewards").
+"""Reward functions shared by every training script (docs/algorithms.md §5).
 
 Every reward has TRL's signature, ``fn(prompts, completions, **columns) -> list[float | None]``:
 ``completions`` are strings (or chat messages, whose last content is used), ``columns`` are the
@@ -12,6 +12,8 @@ what the group-aware shaping functions below rely on.
 Time per call is bounded on adversarial text: the answer is cut out of the completion by a linear
 scan, over-long answers are rejected before any parsing, and math-verify's parse/verify run under
 its own alarm-based timeout (which needs the main thread, where the trainers call rewards).
+The regular expressions below are unambiguous (one way to match any text), so they are linear in it
+too, docs/algorithms.md (5.3).
 """
 
 from __future__ import annotations
@@ -27,8 +29,29 @@ MATH_VERIFY_TIMEOUT_S = 1  # per parse and per verify call (math-verify's alarm 
 
 RewardFunc = Callable[..., list]
 
-_NUMBER = re.compile(r"-?\d{1,30}(?:\.\d{1,30})?")  # plain decimals only: no 1e999999 blow-ups
-_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A number is plain digits or thousands groups (1,234,567; SI style 1 234 567), with an optional decimal
+# part; "1,3,5" is a list, not 135 (docs/algorithms.md (5.2)). Plain decimals only: no 1e999999 blow-ups.
+_INT = r"(?:\d{1,3}(?:,\d{3}){1,10}|\d{1,3}(?: \d{3}){1,10}|\d{1,30})"
+_NUMBER = re.compile(rf"-?{_INT}(?:\.\d{{1,30}})?")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_LAST_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|-?\d+(?:\.\d+)?")
+
+# What may follow the number of an answer such as "9 (apples)", "12 cm^2", "40\%", "3 \text{ cm}"
+# (docs/algorithms.md (5.1)): spaces, a percent sign, degrees, words (optionally with a ^2-style
+# exponent), a parenthesised phrase, a \text{}/\mbox{} unit, a final period. No digits except exponents,
+# so an answer holding a second number ("3 and 4", "5 cm by 3 cm") is never reduced to its first.
+_EXPONENT = r"(?:\^\{?\d\}?)?"
+_UNIT_TOKEN = re.compile(
+    r"\s+|\\[,;: ]|~|\\?%|\^\{?\\circ\}?|°"
+    rf"|(?P<word>[A-Za-z]+){_EXPONENT}"
+    r"|\([A-Za-z][A-Za-z' -]*[A-Za-z]\)"
+    rf"|\\(?:text|mbox|mathrm)\{{[^{{}}\d]*\}}{_EXPONENT}"
+    r"|\.\s*$"
+)
+# words that make an expression of the number before them (3 pi, 2 sin), not a unit
+_NOT_UNITS = frozenset("pi sin cos tan sec csc cot log ln exp sqrt mod".split())
+_TEXT_WRAPPER = re.compile(r"\\(?:text|mbox|textbf|mathrm)\{([^{}]*)\}")
+_WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 
 
 def _text(completion) -> str:
@@ -82,7 +105,7 @@ def extract_gold(answer) -> str | None:
         answer = int(answer)
     text = str(answer).strip()
     if "####" in text:
-        text = text.rsplit("####", 1)[1].strip().replace(",", "")
+        text = _without_thousands_commas(text.rsplit("####", 1)[1].strip())
     elif "\\boxed" in text or "\\fbox" in text:
         text = last_boxed(text) or ""
     text = text.strip().strip("$").strip()
@@ -95,16 +118,63 @@ def extract_answer(completion: str, last_number_fallback: bool = False) -> str |
     if boxed is not None:
         return boxed
     if last_number_fallback:
-        numbers = _LAST_NUMBER.findall(completion[-1000:])
+        numbers = _LAST_NUMBER.findall(completion[-1000:])  # "1,3,5" gives 1, 3, 5: its last is 5
         if numbers:
-            return numbers[-1].replace(",", "")
+            return _without_thousands_commas(numbers[-1])
     return None
 
 
-def _plain_number(s: str) -> Fraction | None:
-    s = s.replace(",", "").replace("\\!", "").replace(" ", "").rstrip(".").strip("$")
-    s = s.removesuffix("\\%").removesuffix("%")
-    return Fraction(s) if _NUMBER.fullmatch(s) else None
+def _without_thousands_commas(s: str) -> str:
+    """``1,234`` → ``1234``; anything else (a list ``1,3,5``, an expression) unchanged (docs/algorithms.md (5.2))."""
+    return s.replace(",", "") if _THOUSANDS.fullmatch(s) else s
+
+
+def number_of(answer: str) -> str | None:
+    r"""The number of an answer that is a number, possibly with a unit or words, else None.
+
+    ``9 (apples)``, ``15 balls``, ``\$18``, ``5 cm``, ``40\%``, ``3 \text{ cm}``, ``12 cm^2`` → the number
+    (thousands commas dropped): math-verify reads ``9 (apples)`` as ``9*E*a*l*p*p*s``, so a correct
+    ``\boxed{9}`` would score 0 (docs/algorithms.md (5.1)). Expressions stay None: ``2x`` (a word glued
+    to the number), ``2 x`` (a one-letter word is a variable), ``3 pi``, ``3 and 4``, ``5 + 3``,
+    ``\frac{3}{4}``. A scan token by token, linear in the length (docs/algorithms.md (5.3)).
+    """
+    s = answer.replace("\\!", "").strip()
+    wrapped = _TEXT_WRAPPER.fullmatch(s)  # \text{9 apples}
+    s = (wrapped.group(1) if wrapped else s).strip().strip("$").strip()
+    s = s.removeprefix("\\$").lstrip()
+    m = _NUMBER.match(s)
+    if m is None:
+        return None
+    pos = m.end()
+    while pos < len(s):
+        token = _UNIT_TOKEN.match(s, pos)
+        if token is None:
+            return None
+        word = token.group("word")
+        if word is not None and (pos == m.end() or len(word) < 2 or word.lower() in _NOT_UNITS):
+            return None
+        pos = token.end()
+    return m.group().replace(",", "").replace(" ", "")
+
+
+def _as_text(s: str) -> str:
+    r"""An answer as plain text: ``\text{}`` unwrapped, whitespace collapsed, final period dropped, lower case."""
+    s = _TEXT_WRAPPER.sub(lambda m: m.group(1), s)
+    return " ".join(s.split()).rstrip(".").strip().lower()
+
+
+def is_word_gold(gold: str) -> bool:
+    """Whether a gold is a plain word (``Tuesday``, ``yes``, ``apples``), to be compared as text.
+
+    math-verify turns a word into a product of one-letter symbols, ``T*u*e*s*d*a*y``, which any
+    permutation of its letters (``sey`` for ``yes``) would equal. Known cost: a product of
+    variables written without signs (``xy``) is compared as text too, so ``yx`` is wrong for it.
+    """
+    text = _TEXT_WRAPPER.sub(lambda m: m.group(1), gold).strip().rstrip(".").strip()
+    if not _WORDS.fullmatch(text) or len(text) < 2:
+        return False
+    parsed = [p for p in _parse(text) if not isinstance(p, str)]
+    return bool(parsed) and bool(getattr(parsed[0], "is_Mul", False))
 
 
 @lru_cache(maxsize=4096)
@@ -115,16 +185,20 @@ def _parse(expr: str):
 
 
 def is_correct(pred: str | None, gold: str) -> bool:
-    """Whether a predicted final answer equals the gold one (exact numbers, then math-verify)."""
+    """Whether a predicted final answer equals the gold one: exact numbers (units dropped), words as
+    text, then math-verify."""
     if pred is None or len(pred) > MAX_ANSWER_CHARS:
         return False
-    a, b = _plain_number(pred), _plain_number(gold)
+    a, b = number_of(pred), number_of(gold)
     if a is not None and b is not None:  # fast path for GSM8K-style integers and decimals
-        return a == b
+        return Fraction(a) == Fraction(b)
+    if is_word_gold(gold):
+        return _as_text(pred) == _as_text(gold)
     if pred.strip() == gold.strip():
         return True
     from math_verify import verify
 
+    pred, gold = a or pred, b or gold  # "9 (apples)" is 9 to math-verify as well
     gold_parsed, pred_parsed = _parse(gold), _parse(pred)
     if not gold_parsed or not pred_parsed:
         return False
@@ -135,7 +209,7 @@ def gold_is_scorable(gold: str | None) -> bool:
     if gold is None or len(gold) > MAX_ANSWER_CHARS:
         return False
     # a gold that math-verify only keeps as its raw string (no expression parsed) cannot be scored
-    return _plain_number(gold) is not None or any(not isinstance(p, str) for p in _parse(gold))
+    return number_of(gold) is not None or any(not isinstance(p, str) for p in _parse(gold))
 
 
 def correctness_reward(prompts, completions, answer, last_number_fallback=False, **kwargs) -> list:
@@ -159,12 +233,6 @@ def correctness_reward_last_number(prompts, completions, answer, **kwargs) -> li
     return correctness_reward(prompts, completions, answer, last_number_fallback=True)
 
 
-def correctness_pm1(prompts, completions, answer, **kwargs) -> list:
-    """AGPO's reward (ALGORITHMS.md §2): +1 if the final answer is correct, −1 otherwise (no answer
-    counts as wrong); None where the gold does not parse."""
-    return [None if s is None else 2.0 * s - 1.0 for s in correctness_reward(prompts, completions, answer)]
-
-
 def format_reward(prompts, completions, **kwargs) -> list:
     r"""1.0 if the completion ends its reasoning with exactly one well-formed ``\boxed{...}``."""
     out = []
@@ -182,24 +250,6 @@ def _groups(n: int, num_generations: int):
     if num_generations < 1 or n % num_generations:
         raise ValueError(f"{n} completions do not split into groups of {num_generations}")
     return [range(s, s + num_generations) for s in range(0, n, num_generations)]
-
-
-def agpo_length_bonus(correct, lengths, num_generations: int, coef: float = 0.1) -> list[float]:
-    """AGPO's length bonus (ALGORITHMS.md §2), one value per completion.
-
-    In a mixed group (some correct, some wrong) each correct completion gets
-    ``coef * (1 - (L - Lmin) / (Lmax - Lmin + 1e-6))`` with Lmin/Lmax over the group's *correct*
-    completions; wrong completions and unmixed groups get 0.
-    """
-    bonus = [0.0] * len(correct)
-    for g in _groups(len(correct), num_generations):
-        ok = [i for i in g if correct[i]]
-        if not 0 < len(ok) < num_generations:
-            continue
-        lo, hi = min(lengths[i] for i in ok), max(lengths[i] for i in ok)
-        for i in ok:
-            bonus[i] = coef * (1.0 - (lengths[i] - lo) / (hi - lo + 1e-6))
-    return bonus
 
 
 def kimi_length_penalty(correct, lengths, num_generations: int) -> list[float]:
@@ -230,7 +280,6 @@ def length_penalty(prompts, completions, answer, completion_ids, num_generations
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "correctness": correctness_reward,
     "correctness_last_number": correctness_reward_last_number,
-    "correctness_pm1": correctness_pm1,
     "format": format_reward,
     "length_penalty": length_penalty,
 }

@@ -6,7 +6,9 @@ a JSON file and a markdown table.
         --dataset ../shared/data/gsm8k_train.jsonl --out bench/results/smollm2_cpu
 
 Targets (issue #2): weight sync < 5% of step time; vLLM generation >= 5x transformers at G = 8;
-no phase more than 20% slower than the same work done directly.
+no phase more than 20% slower than the same work done directly. It also reports the peak memory of
+one log-prob forward + backward with the fp32 log-softmax in one piece and in chunks (issue #9),
+measured by bench/logprob_memory.py in a process of its own.
 """
 
 import json
@@ -49,6 +51,8 @@ class BenchArgs:
     """β of the benchmarked run (> 0 includes the reference forward in the log-prob phase)"""
     reuse_runs: bool = False
     """reuse the grpo.py runs already in OUT.runs/ (re-measure only the direct baselines)"""
+    memory_completion_length: int = 1024
+    """completion length of the log-prob memory measurement (4 sequences; random tokens)"""
 
 
 def run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> list:
@@ -61,11 +65,33 @@ def run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> list:
 
 
 def _run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> None:
-    cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--model", args.model, "--dataset", args.dataset,
-           "--output-dir", out_dir, "--total-steps", str(steps), "--save-steps", "0",
-           "--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations),
-           "--max-completion-length", str(args.max_completion_length), "--micro-batch-size", str(args.micro_batch_size),
-           "--beta", str(args.beta), "--log-completions", "0", "--use-vllm" if use_vllm else "--no-use-vllm"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "grpo.py"),
+        "--model",
+        args.model,
+        "--dataset",
+        args.dataset,
+        "--output-dir",
+        out_dir,
+        "--total-steps",
+        str(steps),
+        "--save-steps",
+        "0",
+        "--prompts-per-step",
+        str(args.prompts_per_step),
+        "--num-generations",
+        str(args.num_generations),
+        "--max-completion-length",
+        str(args.max_completion_length),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--beta",
+        str(args.beta),
+        "--log-completions",
+        "0",
+        "--use-vllm" if use_vllm else "--no-use-vllm",
+    ]
     with open(f"{args.out}.{'vllm' if use_vllm else 'transformers'}.log", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode:
@@ -82,16 +108,27 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
     from vllm import LLM
 
     grpo.init_distributed()
-    gargs = grpo.Args(model=args.model, dataset=args.dataset, prompts_per_step=args.prompts_per_step,
-                      num_generations=args.num_generations, max_completion_length=args.max_completion_length)
+    gargs = grpo.Args(
+        model=args.model,
+        dataset=args.dataset,
+        prompts_per_step=args.prompts_per_step,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+    )
     tok = grpo.load_tokenizer(args.model)
     ds, q, a = grpo.load_rows(gargs)
     examples, _, _ = grpo.prepare_prompts(ds, q, a, tok, gargs)
     stop = grpo.stop_token_ids(args.model, tok)
-    llm = LLM(model=args.model, dtype=torch.float32, seed=gargs.seed, distributed_executor_backend="external_launcher",
-              gpu_memory_utilization=gargs.vllm_gpu_memory_utilization,
-              enable_chunked_prefill=None if torch.cuda.is_available() else False,  # as grpo.py's engine
-              max_model_len=gargs.max_prompt_length + gargs.max_completion_length, generation_config="vllm")
+    llm = LLM(
+        model=args.model,
+        dtype=torch.float32,
+        seed=gargs.seed,
+        distributed_executor_backend="external_launcher",
+        gpu_memory_utilization=gargs.vllm_gpu_memory_utilization,
+        enable_chunked_prefill=None if torch.cuda.is_available() else False,  # as grpo.py's engine
+        max_model_len=gargs.max_prompt_length + gargs.max_completion_length,
+        generation_config="vllm",
+    )
     gen_t, gen_tok, fwd_t, upd_t, tokens = [], [], [], [], []
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -99,7 +136,8 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         idx = grpo.prompt_indices(step * args.prompts_per_step, args.prompts_per_step, len(examples), gargs.seed)
         prompts = [examples[i]["prompt_ids"] for i in idx]
         t = time.perf_counter()
-        gen = grpo.vllm_generate(llm, prompts, gargs, stop, step, 0)
+        seeds = [grpo.request_seed(gargs.seed, step, 0, i) for i in range(len(prompts))]
+        gen = grpo.vllm_generate(llm, prompts, [gargs.temperature] * len(prompts), seeds, gargs, stop, None)
         gen_t.append(time.perf_counter() - t)
         comps = [c for c, _ in gen]
         gen_tok.append(sum(len(c) for c in comps))
@@ -108,7 +146,9 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         t = time.perf_counter()
         with torch.no_grad():
             for ix in mbs:
-                grpo.completion_logprobs(model, grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], tok.pad_token_id, "cpu"), 1.0)
+                grpo.completion_logprobs(
+                    model, grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], tok.pad_token_id, "cpu"), 1.0
+                )
         fwd_t.append(time.perf_counter() - t)
         t = time.perf_counter()
         for ix in mbs:
@@ -120,20 +160,48 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         upd_t.append(time.perf_counter() - t)
         tokens.append(gen_tok[-1])
     s = slice(1, None) if steps > 1 else slice(None)
-    return {"generate_s": statistics.mean(gen_t[s]), "tokens": statistics.mean(tokens[s]),
-            "generate_tok_per_s": sum(gen_tok[s]) / sum(gen_t[s]),
-            "forward_s_per_1k_tok": 1000 * sum(fwd_t[s]) / sum(tokens[s]),
-            "fwd_bwd_step_s_per_1k_tok": 1000 * sum(upd_t[s]) / sum(tokens[s])}
+    return {
+        "generate_s": statistics.mean(gen_t[s]),
+        "tokens": statistics.mean(tokens[s]),
+        "generate_tok_per_s": sum(gen_tok[s]) / sum(gen_t[s]),
+        "forward_s_per_1k_tok": 1000 * sum(fwd_t[s]) / sum(tokens[s]),
+        "fwd_bwd_step_s_per_1k_tok": 1000 * sum(upd_t[s]) / sum(tokens[s]),
+    }
+
+
+def logprob_memory(args: BenchArgs) -> dict:
+    """Peak memory of one log-prob forward + backward, fp32 log-softmax in one piece vs in chunks of 256."""
+    out = {}
+    for chunk in (0, 256):
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "bench", "logprob_memory.py"),
+            "--model",
+            args.model,
+            "--chunk-size",
+            str(chunk),
+            "--completion-length",
+            str(args.memory_completion_length),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        if proc.returncode:
+            raise SystemExit(f"logprob_memory.py failed:\n{proc.stderr[-3000:]}")
+        out["one_piece" if chunk == 0 else "chunks_of_256"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 def summarise(m: list, skip_first: bool) -> dict:
     """Mean phase times of grpo.py's metrics, and per-token rates (lengths vary between runs)."""
-    step_tokens = [r["tokens/generated_total"] - (m[i - 1]["tokens/generated_total"] if i else 0) for i, r in enumerate(m)]
+    step_tokens = [
+        r["tokens/generated_total"] - (m[i - 1]["tokens/generated_total"] if i else 0) for i, r in enumerate(m)
+    ]
     first = 1 if skip_first and len(m) > 1 else 0
     rows, per_step_tokens = m[first:], step_tokens[first:]
     n = len(rows)
-    out = {k.split("/")[-1] + "_s": sum(r[k] for r in rows) / n for k in
-           ("time/generate", "time/logprobs", "time/update", "time/weight_sync", "time/step")}
+    out = {
+        k.split("/")[-1] + "_s": sum(r[k] for r in rows) / n
+        for k in ("time/generate", "time/logprobs", "time/update", "time/weight_sync", "time/step")
+    }
     out["tokens"] = sum(per_step_tokens) / n
     out["generate_tok_per_s"] = sum(per_step_tokens) / sum(r["time/generate"] for r in rows)
     out["logprobs_s_per_1k_tok"] = 1000 * sum(r["time/logprobs"] for r in rows) / sum(per_step_tokens)
@@ -147,8 +215,11 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     runs = args.out + ".runs"
     vllm_run = summarise(run_grpo(args, os.path.join(runs, "vllm"), True, args.steps), skip_first=True)
-    hf_run = summarise(run_grpo(args, os.path.join(runs, "transformers"), False, args.hf_steps), skip_first=args.hf_steps > 1)
+    hf_run = summarise(
+        run_grpo(args, os.path.join(runs, "transformers"), False, args.hf_steps), skip_first=args.hf_steps > 1
+    )
     direct = direct_baselines(args, args.steps)
+    memory = logprob_memory(args)
     # the log-prob phase is one reference forward per micro-batch (β > 0, μ = 1): compare it to a
     # plain forward; the update is forward+backward+AdamW: compare it to the plain equivalent
     ratios = {
@@ -165,24 +236,63 @@ def main() -> None:
         "logprobs_slowdown_vs_plain_forward": ratios["logprobs_slowdown_vs_plain_forward"] <= 1.2,
         "update_slowdown_vs_plain_fwd_bwd": ratios["update_slowdown_vs_plain_fwd_bwd"] <= 1.2,
     }
-    result = {"settings": asdict(args), "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "cuda": torch.cuda.is_available()}, "grpo_vllm": vllm_run, "grpo_transformers": hf_run,
-              "direct": direct, "ratios": ratios, "targets_met": targets, "date": time.strftime("%Y-%m-%d %H:%M")}
+    result = {
+        "settings": asdict(args),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "grpo_vllm": vllm_run,
+        "grpo_transformers": hf_run,
+        "direct": direct,
+        "logprob_memory": memory,
+        "ratios": ratios,
+        "targets_met": targets,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
     lines = ["| measure | value | target | met |", "|---|---|---|---|"]
-    goal = {"weight_sync_frac_of_step": "< 0.05", "vllm_over_hf_generate_speedup": ">= 5",
-            "generate_slowdown_vs_raw_vllm": "<= 1.2", "logprobs_slowdown_vs_plain_forward": "<= 1.2",
-            "update_slowdown_vs_plain_fwd_bwd": "<= 1.2"}
+    goal = {
+        "weight_sync_frac_of_step": "< 0.05",
+        "vllm_over_hf_generate_speedup": ">= 5",
+        "generate_slowdown_vs_raw_vllm": "<= 1.2",
+        "logprobs_slowdown_vs_plain_forward": "<= 1.2",
+        "update_slowdown_vs_plain_fwd_bwd": "<= 1.2",
+    }
     for k, v in ratios.items():
         lines.append(f"| {k} | {v:.3f} | {goal[k]} | {'yes' if targets[k] else 'NO'} |")
     lines += ["", "| phase (mean per step) | grpo.py + vLLM | grpo.py + transformers | direct |", "|---|---|---|---|"]
-    lines.append(f"| generate (s) | {vllm_run['generate_s']:.2f} | {hf_run['generate_s']:.2f} | {direct['generate_s']:.2f} (raw vLLM) |")
-    lines.append(f"| generate tokens/s | {vllm_run['generate_tok_per_s']:.0f} | {hf_run['generate_tok_per_s']:.0f} | {direct['generate_tok_per_s']:.0f} |")
-    lines.append(f"| log-probs (s / 1k tokens) | {vllm_run['logprobs_s_per_1k_tok']:.3f} | {hf_run['logprobs_s_per_1k_tok']:.3f} | {direct['forward_s_per_1k_tok']:.3f} (plain forward) |")
-    lines.append(f"| update (s / 1k tokens) | {vllm_run['update_s_per_1k_tok']:.3f} | {hf_run['update_s_per_1k_tok']:.3f} | {direct['fwd_bwd_step_s_per_1k_tok']:.3f} (plain fwd+bwd+AdamW) |")
+    v, h, d = vllm_run, hf_run, direct
+    lines.append(f"| generate (s) | {v['generate_s']:.2f} | {h['generate_s']:.2f} | {d['generate_s']:.2f} (raw vLLM) |")
+    lines.append(
+        f"| generate tokens/s | {v['generate_tok_per_s']:.0f} | {h['generate_tok_per_s']:.0f} "
+        f"| {d['generate_tok_per_s']:.0f} |"
+    )
+    lines.append(
+        f"| log-probs (s / 1k tokens) | {v['logprobs_s_per_1k_tok']:.3f} | {h['logprobs_s_per_1k_tok']:.3f} "
+        f"| {d['forward_s_per_1k_tok']:.3f} (plain forward) |"
+    )
+    lines.append(
+        f"| update (s / 1k tokens) | {v['update_s_per_1k_tok']:.3f} | {h['update_s_per_1k_tok']:.3f} "
+        f"| {d['fwd_bwd_step_s_per_1k_tok']:.3f} (plain fwd+bwd+AdamW) |"
+    )
     lines.append(f"| weight sync (s) | {vllm_run['weight_sync_s']:.3f} | - | - |")
     lines.append(f"| step (s) | {vllm_run['step_s']:.2f} | {hf_run['step_s']:.2f} | - |")
+    one, chunked = memory["one_piece"], memory["chunks_of_256"]
+    lines += [
+        "",
+        f"Peak memory of one log-prob forward + backward ({one['micro_batch_size']} × {one['completion_length']} "
+        f"tokens, vocabulary {one['vocab']}, {one['device']}; fp32 logits of the micro-batch: "
+        f"{one['fp32_logits_of_the_micro_batch_mib']:.0f} MiB):",
+        "",
+        "| fp32 log-softmax | peak over resident (MiB) | seconds |",
+        "|---|---|---|",
+        f"| in one piece (before) | {one['peak_over_before_mib']:.0f} | {one['seconds']:.2f} |",
+        f"| in chunks of 256 positions, recomputed in the backward | {chunked['peak_over_before_mib']:.0f} | "
+        f"{chunked['seconds']:.2f} |",
+    ]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -10,6 +11,11 @@ TESTS = os.path.join(ROOT, "tests")
 sys.path[:0] = [ROOT, TESTS]
 
 from tiny import build_tiny_model, write_jsonl  # noqa: E402
+
+# every algorithm script in the repository: the tests of the code they share run on each of them
+ALGORITHMS = [
+    m for m in ("grpo", "agpo_mask_clip", "agpo_adaptive", "a_grpo") if os.path.exists(os.path.join(ROOT, f"{m}.py"))
+]
 
 
 def vllm_importable() -> bool:
@@ -27,20 +33,61 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_untied_model(tmp_path_factory) -> str:
+    """With its own lm_head, as Qwen2.5-7B (the tied tiny model shares the embedding)."""
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_untied")), tied=False)
+
+
+@pytest.fixture(scope="session")
 def add_data(tmp_path_factory) -> str:
     """GSM8K-format rows of single-digit additions."""
-    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(10) for b in range(10)]
+    rows = [
+        {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+        for a in range(10)
+        for b in range(10)
+    ]
     return write_jsonl(str(tmp_path_factory.mktemp("data") / "add.jsonl"), rows)
 
 
-def run_script(args: list, cwd: str, launcher: list | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run a training script in a subprocess, as a user would, and fail with its output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
-               VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+def deepspeed_launcher(num_ranks: int = 2) -> list:
+    """The deepspeed launcher, run by the interpreter that runs the tests: an unactivated venv has no
+    `deepspeed` on PATH (and every rank it starts runs this interpreter too)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port", port]
+
+
+def run_script(
+    args: list,
+    cwd: str,
+    launcher: list | None = None,
+    timeout: int = 900,
+    pythonpath: tuple = (),
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a training script in a subprocess, as a user would, and fail with its output.
+
+    PATH keeps no directory with a `deepspeed` executable in it, as in an unactivated venv, so a test
+    that launched anything by its name on PATH would fail here as it fails for such a user.
+    """
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if not os.path.exists(os.path.join(d, "deepspeed"))]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([*pythonpath, ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
+        PATH=os.pathsep.join(path),
+        VLLM_CPU_KVCACHE_SPACE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        **(env or {}),
+    )
     cmd = (launcher or [sys.executable]) + args
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-10000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+            f"--- stderr\n{proc.stderr[-10000:]}"
+        )
     return proc
 
 

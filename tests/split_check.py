@@ -2,10 +2,10 @@
 so that a test can compare ways of splitting the same step across ranks and micro-batches.
 
     python tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE
-    deepspeed --num_gpus 2 tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE
+    python -m deepspeed.launcher.runner --num_gpus 2 tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE
 
-The 8 completions (2 groups of 4, lengths 1..8) are the same in every launch; rank r trains on
-its contiguous share. SGD with lr 1 and no clipping makes the weight change equal to the
+The 8 completions (2 groups of 4, lengths 1..8, the second group out of the loss) are the same in
+every launch; rank r trains on its contiguous share. SGD with lr 1 and no clipping makes the weight change equal to the
 gradient, so any error in how the loss is normalised across micro-batches or ranks shows
 (Adam would hide a constant factor).
 """
@@ -22,13 +22,17 @@ from transformers import AutoModelForCausalLM
 N, G = 8, 4
 
 
-def fixed_rollout(pad_id: int) -> dict:
+def fixed_rollout(algo, pad_id: int):
+    """2 groups of 4 completions (lengths 1..8); the second group is out of the loss (a masked group),
+    which every script's update must handle (AGPO masks groups; GRPO's code path is the same)."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 200, (3 + i % 3,), generator=g).tolist() for i in range(N)]
     completions = [torch.randint(5, 200, (i + 1,), generator=g).tolist() for i in range(N)]
-    return dict(prompt_ids=prompts, completion_ids=completions, lengths=[len(c) for c in completions],
-                advantages=torch.randn(N, generator=g), pad_id=pad_id,
-                keep=torch.tensor([True] * G + [False] * G))  # loss mask, for scripts that have one
+    keep = torch.tensor([1.0] * G + [0.0] * G)
+    loss_mask = algo.completion_mask([len(c) for c in completions]) * keep.unsqueeze(1)
+    return dict(
+        prompt_ids=prompts, completion_ids=completions, advantages=torch.randn(N, generator=g), loss_mask=loss_mask
+    )
 
 
 def main() -> None:
@@ -39,19 +43,34 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for loss_type in ("grpo", "dapo", "dr_grpo"):
-        args = algo.Args(micro_batch_size=micro, loss_type=loss_type, beta=0.0, max_completion_length=8,
-                         num_iterations=1, num_mini_batches=1)
-        args.epsilon_high_ = args.epsilon if args.epsilon_high is None else args.epsilon_high
-        full = fixed_rollout(pad_id=0)
+        args = algo.Args(
+            micro_batch_size=micro,
+            loss_type=loss_type,
+            beta=0.0,
+            max_completion_length=8,
+            num_iterations=1,
+            num_mini_batches=1,
+            world_size=world,
+        )
+        args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        full = fixed_rollout(algo, pad_id=0)
         share = N // world
         mine = slice(rank * share, (rank + 1) * share)
-        rollout = {k: (v[mine] if isinstance(v, (list, torch.Tensor)) else v) for k, v in full.items()}
+        rollout = algo.Rollout(pad_id=0, **{k: v[mine] for k, v in full.items()})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": share // micro,
-                  "gradient_clipping": 0.0, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config)
-        algo.update_policy(engine, rollout, {}, {}, args, algo.Metrics(), torch.device("cpu"), torch.Generator())
+        config = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": share // micro,
+            "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": 3},
+            "zero_allow_untested_optimizer": True,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
+        )
+        plan = algo.update_plan(share, args, torch.Generator())
+        algo.update_policy(engine, rollout, plan, args, algo.Metrics(), torch.device("cpu"))
         params = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):
             results[loss_type] = {n: p.detach().clone() for n, p in params}

@@ -1,15 +1,13 @@
 """agpo_mask_clip.py: the length bonus, the loss mask and the loss on hand-made groups
-(ALGORITHMS.md §2), and end-to-end runs (one process; two ranks with ZeRO-3 + vLLM)."""
+(docs/algorithms.md §2), and end-to-end runs (one process; two ranks with ZeRO-3 + vLLM)."""
 
 import os
-import socket
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script, vllm_importable
+from conftest import ROOT, deepspeed_launcher, read_metrics, run_script, vllm_importable
 
 import agpo_mask_clip as agpo
-import rewards
 
 SCRIPT = os.path.join(ROOT, "agpo_mask_clip.py")
 G = 4
@@ -20,7 +18,7 @@ def test_defaults_follow_the_authors():
     assert (a.beta, a.epsilon, a.epsilon_high, a.length_bonus) == (0.0, 0.2, 0.28, 0.1)
     assert (a.lr_schedule, a.min_lr_ratio, a.warmup_ratio, a.learning_rate) == ("cosine", 0.1, 0.0, 1e-6)
     assert (a.num_generations, a.max_prompt_length, a.max_completion_length) == (8, 512, 3584)
-    assert a.reward_funcs == ["correctness_pm1"] and a.loss_type == "dapo" and a.zero_variance == "mask"
+    assert a.reward_funcs == ["correctness"] and a.loss_type == "dapo" and a.zero_variance == "mask"
 
 
 def test_loss_mask_keeps_only_mixed_groups():
@@ -52,12 +50,20 @@ def test_length_bonus_goes_before_the_advantage():
     """A shorter correct completion gets the bigger bonus, so the bigger advantage."""
     correct = [True, True, False, False]
     lengths = [10, 30, 20, 20]
-    bonus = rewards.agpo_length_bonus(correct, lengths, G, 0.1)
-    assert bonus[0] == pytest.approx(0.1) and bonus[1] == pytest.approx(0.0, abs=1e-6) and bonus[2:] == [0, 0]
-    r = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64) + torch.tensor(bonus, dtype=torch.float64)
+    bonus = agpo.agpo_length_bonus(torch.tensor(correct), lengths, G, 0.1)
+    assert bonus[0] == pytest.approx(0.1) and bonus[1] == pytest.approx(0.0, abs=1e-6) and bonus[2:].tolist() == [0, 0]
+    r = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64) + bonus
     adv, _ = agpo.agpo_advantages(r, torch.tensor(correct), G)
     assert adv[0] > adv[1] > 0 > adv[2]
-    assert rewards.agpo_length_bonus(correct, lengths, G, 0.0) == [0.0] * 4  # --length-bonus 0 disables it
+    assert agpo.agpo_length_bonus(torch.tensor(correct), lengths, G, 0.0).tolist() == [0.0] * 4  # 0 disables it
+
+
+def test_length_bonus_only_for_correct_completions_of_mixed_groups():
+    correct = torch.tensor([True, True, False, False, True, True, True, True])
+    lengths = [10, 20, 5, 5, 10, 20, 30, 40]
+    b = agpo.agpo_length_bonus(correct, lengths, 4, 0.1)
+    assert b[0] == pytest.approx(0.1) and b[1] == pytest.approx(0.1 * 1e-6 / (10 + 1e-6))
+    assert b[2:].tolist() == [0.0] * 6  # wrong completions, and the all-correct group
 
 
 def test_masked_groups_leave_numerator_and_denominator():
@@ -70,7 +76,7 @@ def test_masked_groups_leave_numerator_and_denominator():
     adv = torch.randn(8)
 
     def loss_of(rows, mask_rows):
-        tok, *_ = agpo.grpo_token_loss(logp[rows], logp[rows].detach(), adv[rows], 0.2, 0.28)
+        tok, *_ = agpo.grpo_token_loss(logp[rows], logp[rows].detach(), adv[rows], mask_rows, 0.2, 0.28)
         n_tok = int(mask_rows.sum())
         return (tok * agpo.token_weights(mask_rows, "dapo", int(mask_rows.any(1).sum()), n_tok, 6)).sum()
 
@@ -86,21 +92,37 @@ def test_masked_groups_leave_numerator_and_denominator():
 
 def test_clip_higher_is_asymmetric():
     logp = torch.log(torch.tensor([[1.25, 1.35, 0.75]]))
-    loss, _, low, high = agpo.grpo_token_loss(logp, torch.zeros(1, 3), torch.tensor([1.0]), 0.2, 0.28)
+    loss, _, low, high = agpo.grpo_token_loss(logp, torch.zeros(1, 3), torch.tensor([1.0]), torch.ones(1, 3), 0.2, 0.28)
     assert torch.allclose(loss, -torch.tensor([[1.25, 1.28, 0.75]]))
     assert high.tolist() == [[False, True, False]]
 
 
-ARGS = ["--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4", "--max-completion-length", "16",
-        "--total-steps", "2", "--log-completions", "1", "--learning-rate", "1e-2"]
+ARGS = [
+    "--prompts-per-step",
+    "2",
+    "--num-generations",
+    "4",
+    "--micro-batch-size",
+    "4",
+    "--max-completion-length",
+    "16",
+    "--total-steps",
+    "2",
+    "--log-completions",
+    "1",
+    "--learning-rate",
+    "1e-2",
+]
 
 
 def test_one_process_every_group_masked_is_not_an_error(tiny_model, add_data, tmp_path):
     """The default ±1 correctness: a random tiny model solves nothing, every group is all-wrong,
     so every group is masked: no update, a warning, and the step is still logged."""
     out = str(tmp_path / "runs")
-    proc = run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *ARGS],
-                      cwd=str(tmp_path))
+    proc = run_script(
+        [SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *ARGS],
+        cwd=str(tmp_path),
+    )
     assert "every group is masked" in proc.stdout + proc.stderr
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
@@ -112,11 +134,33 @@ def test_one_process_every_group_masked_is_not_an_error(tiny_model, add_data, tm
 def test_one_process_refill(tiny_model, add_data, tmp_path):
     """--refill generates extra rounds until the kept groups fill the batch; the counts add up."""
     out = str(tmp_path / "runs")
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *ARGS,
-                "--reward-funcs", "toy_rewards:has_a_pm1", "--refill", "--max-refill-rounds", "3"], cwd=str(tmp_path))
+    run_script(
+        [
+            SCRIPT,
+            "--model",
+            tiny_model,
+            "--dataset",
+            add_data,
+            "--output-dir",
+            out,
+            "--no-use-vllm",
+            *ARGS,
+            "--reward-funcs",
+            "toy_rewards:has_a_pm1",
+            "--refill",
+            "--max-refill-rounds",
+            "3",
+        ],
+        cwd=str(tmp_path),
+    )
     metrics = read_metrics(out)
     for m in metrics:
-        for k in ("completions/correct_mean_length", "completions/wrong_mean_length", "agpo/length_bonus_mean", "agpo/refill_rounds"):
+        for k in (
+            "completions/correct_mean_length",
+            "completions/wrong_mean_length",
+            "agpo/length_bonus_mean",
+            "agpo/refill_rounds",
+        ):
             assert k in m
         assert 0 <= m["agpo/refill_rounds"] <= 3
         # a batch is all kept unless the rounds ran out
@@ -127,12 +171,26 @@ def test_one_process_refill(tiny_model, add_data, tmp_path):
 @pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
 def test_deepspeed_two_ranks_vllm(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *ARGS, "--prompts-per-step", "4",
-                "--reward-funcs", "toy_rewards:has_a_pm1", "--sync-check-steps", "1"],
-               cwd=str(tmp_path), launcher=["deepspeed", "--num_gpus", "2", "--master_port", port])
+    run_script(
+        [
+            SCRIPT,
+            "--model",
+            tiny_model,
+            "--dataset",
+            add_data,
+            "--output-dir",
+            out,
+            *ARGS,
+            "--prompts-per-step",
+            "4",
+            "--reward-funcs",
+            "toy_rewards:has_a_pm1",
+            "--sync-check-steps",
+            "1",
+        ],
+        cwd=str(tmp_path),
+        launcher=deepspeed_launcher(2),
+    )
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["sync/logprob_max_abs_diff"] < 1e-3 for m in metrics)

@@ -4,22 +4,51 @@ with ZeRO-3 and colocated vLLM, --resume, and the errors on bad input."""
 import json
 import os
 import shutil
-import socket
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script, vllm_importable
+from conftest import ROOT, deepspeed_launcher, read_metrics, run_script, vllm_importable
 
 SCRIPT = os.path.join(ROOT, "grpo.py")
-TINY = ["--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4",
-        "--max-completion-length", "16", "--total-steps", "2", "--log-completions", "1"]
+TINY = [
+    "--prompts-per-step",
+    "2",
+    "--num-generations",
+    "4",
+    "--micro-batch-size",
+    "4",
+    "--max-completion-length",
+    "16",
+    "--total-steps",
+    "2",
+    "--log-completions",
+    "1",
+]
 # a reward a random tiny model earns some of, so that advantages (and updates) are non-zero
 TOY = ["--reward-funcs", "toy_rewards:letter_a", "correctness", "--reward-weights", "1.0", "1.0"]
-METRICS = ["reward", "reward_std", "rewards/correctness/mean", "rewards/toy_rewards:letter_a/mean",
-           "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio", "entropy", "kl",
-           "clip_ratio/low_mean", "clip_ratio/high_mean", "policy_loss", "grad_norm", "lr",
-           "tokens/generated_total", "time/generate", "time/logprobs", "time/update", "time/weight_sync", "time/step"]
+METRICS = [
+    "reward",
+    "reward_std",
+    "rewards/correctness/mean",
+    "rewards/toy_rewards:letter_a/mean",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "entropy",
+    "kl",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "policy_loss",
+    "grad_norm",
+    "lr",
+    "tokens/generated_total",
+    "time/generate",
+    "time/logprobs",
+    "time/update",
+    "time/weight_sync",
+    "time/step",
+]
 SYNC_TOL = 1e-3  # fp32 on CPU: vLLM's and the trainer's log-probs agree to ~1e-5 when the weights are the same
 
 needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
@@ -45,20 +74,54 @@ def check_run(out: str, steps: int) -> list:
 
 
 def test_one_process_transformers_generate(tiny_model, add_data, tmp_path):
-    """transformers generate, ZeRO-2, gradient checkpointing, μ = 2 with 2 mini-batches (old
-    log-probs recomputed, ratios move, the clip can bind), wandb offline."""
+    """transformers generate (vLLM asked for, but its import is broken), ZeRO-2, gradient
+    checkpointing, μ = 2 with 2 mini-batches (old log-probs recomputed, ratios move, the clip can
+    bind), wandb offline; args.json records the settings after the fallbacks, not the flags."""
+    broken = tmp_path / "broken" / "vllm"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this vLLM build is broken')\n")
     out = str(tmp_path / "runs")
-    proc = run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *TINY, *TOY,
-                       "--learning-rate", "1e-2", "--zero-stage", "2", "--gradient-checkpointing",
-                       "--num-iterations", "2", "--num-mini-batches", "2", "--track"],
-                      cwd=str(tmp_path))
-    assert "generating with transformers" in proc.stdout + proc.stderr
+    proc = run_script(
+        [
+            SCRIPT,
+            "--model",
+            tiny_model,
+            "--dataset",
+            add_data,
+            "--output-dir",
+            out,
+            *TINY,
+            *TOY,
+            "--learning-rate",
+            "1e-2",
+            "--zero-stage",
+            "2",
+            "--gradient-checkpointing",
+            "on",
+            "--vllm-sleep",
+            "on",
+            "--num-iterations",
+            "2",
+            "--num-mini-batches",
+            "2",
+            "--track",
+        ],
+        cwd=str(tmp_path),
+        pythonpath=(str(broken.parent),),
+    )
+    assert "vLLM is not importable" in proc.stdout + proc.stderr
     metrics = check_run(out, 2)
-    assert any(m["clip_ratio/low_mean"] + m["clip_ratio/high_mean"] > 0 for m in metrics)  # ρ ≠ 1 after the first update
-    assert os.path.isdir(tmp_path / "wandb")
+    run_dir = os.path.join(out, os.listdir(out)[0])
+    with open(os.path.join(run_dir, "args.json")) as f:
+        recorded = json.load(f)
+    assert (recorded["use_vllm"], recorded["vllm_sleep"], recorded["gradient_checkpointing"]) == (False, "off", "on")
+    wandb_log = "".join(open(p).read() for p in _files(str(tmp_path / "wandb"), "debug.log"))  # holds the config
+    assert "'use_vllm': False" in wandb_log and "'vllm_sleep': 'off'" in wandb_log
+    assert any(
+        m["clip_ratio/low_mean"] + m["clip_ratio/high_mean"] > 0 for m in metrics
+    )  # ρ ≠ 1 after the first update
     per_step = [m["completions/mean_length"] * 8 for m in metrics]
     assert metrics[-1]["tokens/generated_total"] == pytest.approx(sum(per_step))
-    run_dir = os.path.join(out, os.listdir(out)[0])
     ckpt = os.path.join(run_dir, "checkpoint-2")
     assert os.path.isfile(os.path.join(ckpt, "trainer_state.json"))
     assert not any(d.endswith(".tmp") for d in os.listdir(run_dir))
@@ -66,12 +129,30 @@ def test_one_process_transformers_generate(tiny_model, add_data, tmp_path):
     assert change.abs().max() > 1e-2  # the saved checkpoint holds the trained weights
 
 
+def _files(root: str, name: str):
+    return [os.path.join(d, name) for d, _, files in os.walk(root) if name in files]
+
+
 @needs_vllm
-def test_one_process_vllm_and_resume(tiny_model, add_data, tmp_path):
-    """--resume from the step-1 checkpoint reproduces step 2 of the uninterrupted run."""
+def test_one_process_vllm_and_resume(tiny_untied_model, add_data, tmp_path):
+    """--resume from the step-1 checkpoint reproduces step 2 of the uninterrupted run; the model has its
+    own lm_head (as Qwen2.5-7B), and after every sync vLLM's log-probs equal the trainer's."""
     out = str(tmp_path / "runs")
-    common = [SCRIPT, "--model", tiny_model, "--dataset", add_data, *TINY, *TOY, "--learning-rate", "1e-2",
-              "--sync-check-steps", "1", "--save-steps", "1"]
+    common = [
+        SCRIPT,
+        "--model",
+        tiny_untied_model,
+        "--dataset",
+        add_data,
+        *TINY,
+        *TOY,
+        "--learning-rate",
+        "1e-2",
+        "--sync-check-steps",
+        "1",
+        "--save-steps",
+        "1",
+    ]
     run_script(common + ["--output-dir", out], cwd=str(tmp_path))
     full = check_run(out, 2)
     assert all(m["sync/logprob_max_abs_diff"] < SYNC_TOL for m in full)
@@ -82,7 +163,9 @@ def test_one_process_vllm_and_resume(tiny_model, add_data, tmp_path):
     shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
     with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
         f.write(json.dumps(full[0]) + "\n")
-    proc = run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=str(tmp_path))
+    proc = run_script(
+        common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=str(tmp_path)
+    )
     assert "resumed from" in proc.stdout + proc.stderr
     resumed = read_metrics(out2)
     assert [m["step"] for m in resumed] == [1, 2]
@@ -93,27 +176,106 @@ def test_one_process_vllm_and_resume(tiny_model, add_data, tmp_path):
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
 
 
+TWO_RANKS = [
+    *TINY,
+    *TOY,
+    "--prompts-per-step",
+    "4",
+    "--zero-stage",
+    "3",
+    "--beta",
+    "0.04",
+    "--learning-rate",
+    "1e-2",
+    "--sync-check-steps",
+    "1",
+    "--sync-bucket-mb",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_model, add_data, tmp_path_factory):
+    """Two ranks, ZeRO-3, reference model (β > 0), a vLLM engine in each rank, weight sync in per-layer buckets."""
+    cwd = tmp_path_factory.mktemp("two_ranks")
+    out = str(cwd / "runs")
+    run_script(
+        [SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *TWO_RANKS],
+        cwd=str(cwd),
+        launcher=deepspeed_launcher(2),
+    )
+    return out
+
+
 @needs_vllm
-def test_deepspeed_two_ranks_zero3_vllm(tiny_model, add_data, tmp_path):
-    """Two ranks, ZeRO-3, reference model (β > 0), vLLM in each rank, weight sync in per-layer
-    buckets: the weights change, and after each sync vLLM's log-probs equal the trainer's."""
-    out = str(tmp_path / "runs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *TINY, *TOY,
-                "--prompts-per-step", "4", "--zero-stage", "3", "--beta", "0.04", "--learning-rate", "1e-2",
-                "--sync-check-steps", "1", "--sync-bucket-mb", "0"],
-               cwd=str(tmp_path), launcher=["deepspeed", "--num_gpus", "2", "--master_port", port])
-    metrics = check_run(out, 2)
+def test_deepspeed_two_ranks_zero3_vllm(two_rank_run, tiny_model):
+    """The weights change, and after each sync vLLM's log-probs equal the trainer's."""
+    metrics = check_run(two_rank_run, 2)
     assert all(m["sync/logprob_max_abs_diff"] < SYNC_TOL for m in metrics)
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[1]["kl"] > 0  # the policy left the reference
     assert all(m["grad_norm"] > 0 for m in metrics)
-    ckpt = os.path.join(out, os.listdir(out)[0], "checkpoint-2")
+    ckpt = os.path.join(two_rank_run, os.listdir(two_rank_run)[0], "checkpoint-2")
     before = logprobs_of(tiny_model, [5, 6, 7], [8, 9, 10, 11])
     after = logprobs_of(ckpt, [5, 6, 7], [8, 9, 10, 11])
     # a stale vLLM (a broken sync) would be this far off: far outside the tolerance checked above
     assert (after - before).abs().max() > 100 * SYNC_TOL
+
+
+@needs_vllm
+def test_two_ranks_sharing_one_tensor_parallel_engine(two_rank_run, tiny_model, add_data, tmp_path):
+    """--vllm-tensor-parallel-size 2: both ranks run one engine together (each submits the union of
+    their requests and keeps its own outputs); the run is the same as with one engine per rank."""
+    out = str(tmp_path / "runs")
+    run_script(
+        [
+            SCRIPT,
+            "--model",
+            tiny_model,
+            "--dataset",
+            add_data,
+            "--output-dir",
+            out,
+            *TWO_RANKS,
+            "--vllm-tensor-parallel-size",
+            "2",
+        ],
+        cwd=str(tmp_path),
+        launcher=deepspeed_launcher(2),
+    )
+    shared, separate = check_run(out, 2), read_metrics(two_rank_run)
+    assert all(m["sync/logprob_max_abs_diff"] < SYNC_TOL for m in shared)
+    for a, b in zip(shared, separate):
+        for k in ("reward", "completions/mean_length", "kl", "entropy", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+def test_generation_stops_at_the_token_budget(tiny_model, add_data, tmp_path):
+    """--max-generated-tokens: training stops once the cumulative generated tokens reach the budget
+    (here within the first step: ≤ 2 prompts × 4 × 16 tokens), and the last step is saved."""
+    out = str(tmp_path / "runs")
+    proc = run_script(
+        [
+            SCRIPT,
+            "--model",
+            tiny_model,
+            "--dataset",
+            add_data,
+            "--output-dir",
+            out,
+            "--no-use-vllm",
+            *TINY,
+            *TOY,
+            "--total-steps",
+            "5",
+            "--max-generated-tokens",
+            "60",
+        ],
+        cwd=str(tmp_path),
+    )
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["tokens/generated_total"] >= 60
+    assert "--max-generated-tokens 60 reached after 1 steps" in proc.stdout + proc.stderr
+    assert os.path.isdir(os.path.join(out, os.listdir(out)[0], "checkpoint-1"))
 
 
 # --- bad input: a clear message naming the fix, before any model is loaded --------------------
@@ -173,7 +335,10 @@ def test_prompts_too_long_are_counted(monkeypatch, tiny_model, add_data):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--prompts-per-step", "3", "--num-generations", "4", "--micro-batch-size", "5"], "multiple of --micro-batch-size 5"),
+        (
+            ["--prompts-per-step", "3", "--num-generations", "4", "--micro-batch-size", "5"],
+            "multiple of --micro-batch-size 5",
+        ),
         (["--num-generations", "1"], "at least 2"),
         (["--num-mini-batches", "3", "--prompts-per-step", "1", "--num-generations", "4"], "--num-mini-batches 3"),
         (["--reward-weights", "1", "2"], "--reward-weights has 2 values"),

@@ -5,15 +5,48 @@ import os
 
 from conftest import ROOT, read_metrics, run_script
 
-ARGS = ["--prompts-per-step", "4", "--num-generations", "8", "--micro-batch-size", "16",
-        "--max-completion-length", "16", "--total-steps", "30", "--save-steps", "0", "--beta", "0",
-        "--warmup-ratio", "0", "--reward-funcs", "toy_rewards:letter_a", "--no-use-vllm", "--log-completions", "0"]
+ARGS = [
+    "--prompts-per-step",
+    "4",
+    "--num-generations",
+    "8",
+    "--micro-batch-size",
+    "16",
+    "--max-completion-length",
+    "16",
+    "--total-steps",
+    "30",
+    "--save-steps",
+    "0",
+    "--beta",
+    "0",
+    "--warmup-ratio",
+    "0",
+    "--reward-funcs",
+    "toy_rewards:letter_a",
+    "--no-use-vllm",
+    "--log-completions",
+    "0",
+]
 
 
 def rewards_of(tiny_model, add_data, tmp_path, lr):
     out = str(tmp_path / f"runs_{lr}")
-    run_script([os.path.join(ROOT, "grpo.py"), "--model", tiny_model, "--dataset", add_data, "--output-dir", out,
-                "--learning-rate", lr, *ARGS], cwd=str(tmp_path))
+    run_script(
+        [
+            os.path.join(ROOT, "grpo.py"),
+            "--model",
+            tiny_model,
+            "--dataset",
+            add_data,
+            "--output-dir",
+            out,
+            "--learning-rate",
+            lr,
+            *ARGS,
+        ],
+        cwd=str(tmp_path),
+    )
     return [m["reward"] for m in read_metrics(out)]
 
 

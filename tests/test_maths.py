@@ -1,4 +1,4 @@
-"""Unit tests of grpo.py's maths against ALGORITHMS.md §1, on hand-made numbers."""
+"""Unit tests of grpo.py's maths against docs/algorithms.md §1, on hand-made numbers."""
 
 import math
 
@@ -42,12 +42,13 @@ def test_k3_kl_values():
 def test_surrogate_clips_and_masks():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.0, 1.1]]))
     old = torch.zeros(1, 4)
-    loss, kl, low, high = grpo.grpo_token_loss(logp, old, torch.tensor([2.0]), 0.2, 0.3)
+    mask = torch.ones(1, 4)
+    loss, kl, low, high = grpo.grpo_token_loss(logp, old, torch.tensor([2.0]), mask, 0.2, 0.3)
     # A > 0: min(ρA, clip(ρ)A) = [1.3·2, 0.5·2, 1·2, 1.1·2]
     assert torch.allclose(loss, -torch.tensor([[2.6, 1.0, 2.0, 2.2]]))
     assert kl is None
     assert high.tolist() == [[True, False, False, False]] and not low.any()
-    loss, _, low, high = grpo.grpo_token_loss(logp, old, torch.tensor([-1.0]), 0.2, 0.3)
+    loss, _, low, high = grpo.grpo_token_loss(logp, old, torch.tensor([-1.0]), mask, 0.2, 0.3)
     # A < 0: min(-ρ, -clip(ρ)) = [-1.5, -0.8, -1, -1.1]
     assert torch.allclose(loss, torch.tensor([[1.5, 0.8, 1.0, 1.1]]))
     assert low.tolist() == [[False, True, False, False]] and not high.any()
@@ -55,7 +56,9 @@ def test_surrogate_clips_and_masks():
 
 def test_kl_term_is_added_with_beta():
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
-    loss, kl, *_ = grpo.grpo_token_loss(logp, logp.detach(), torch.tensor([0.0]), 0.2, 0.2, ref, beta=0.5)
+    loss, kl, *_ = grpo.grpo_token_loss(
+        logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 2), 0.2, 0.2, ref, beta=0.5
+    )
     assert torch.allclose(kl, grpo.k3_kl(ref, logp))
     assert torch.allclose(loss, 0.5 * kl)
 
@@ -65,14 +68,14 @@ def _grads(loss_type, logp_init, mask, adv, num_seqs, max_len, split):
     logp = logp_init.clone().requires_grad_(True)
     n_tok = int(mask.sum())
     for ix in split:
-        tok, *_ = grpo.grpo_token_loss(logp[ix], logp[ix].detach(), adv[ix], 0.2, 0.2)
+        tok, *_ = grpo.grpo_token_loss(logp[ix], logp[ix].detach(), adv[ix], mask[ix], 0.2, 0.2)
         (tok * grpo.token_weights(mask[ix], loss_type, num_seqs, n_tok, max_len)).sum().backward()
     return logp.grad
 
 
 def test_loss_types_agree_when_all_lengths_are_equal():
-    """ALGORITHMS.md §1: grpo, dapo and dr_grpo give the same gradient when every completion has
-    the same length (dr_grpo's constant normaliser equals that length at max_completion_length)."""
+    """docs/algorithms.md (1.4): grpo, dapo and dr_grpo give the same gradient when every completion
+    has the same length and it is max_completion_length (dr_grpo's constant normaliser)."""
     torch.manual_seed(0)
     n, length = 6, 5
     logp, mask, adv = torch.randn(n, length), torch.ones(n, length), torch.randn(n)
@@ -130,6 +133,7 @@ def test_collate_pads_prompts_left_and_completions_right():
     assert b["position_ids"][1].tolist()[2:] == [0, 1, 2]
     assert b["completion_ids"].tolist() == [[5, 0], [6, 7]]
     assert b["completion_mask"].tolist() == [[1, 0], [1, 1]]
+    assert grpo.completion_mask([1, 2]).tolist() == [[1, 0], [1, 1]]
 
 
 def test_completion_logprobs_match_a_full_forward(tiny_model):

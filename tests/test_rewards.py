@@ -1,4 +1,4 @@
-"""rewards.py on real gold formats, adversarial completions and the group-aware shaping."""
+"""rewards.py on real gold formats, adversarial completions and the Kimi length penalty."""
 
 import time
 
@@ -29,6 +29,104 @@ BOUND_S = 10.0  # a hang guard, not a speed target: one call must come back, wha
 )
 def test_correctness_on_real_gold_formats(completion, gold, expected):
     assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
+
+
+# docs/algorithms.md (5.1): a number with a unit or words is that number, on either side
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("\\boxed{9}", "9 (apples)", 1.0),  # math-verify reads this gold as 9*E*a*l*p*p*s
+        ("\\boxed{9 apples}", "9 (apples)", 1.0),
+        ("\\boxed{8}", "9 (apples)", 0.0),
+        ("\\boxed{9 (apples)}", "9", 1.0),
+        ("\\boxed{15}", "15 balls", 1.0),
+        ("\\boxed{16 balls}", "15 balls", 0.0),
+        ("\\boxed{18}", "$18", 1.0),
+        ("\\boxed{18}", "\\$18", 1.0),
+        ("\\boxed{\\$18}", "18", 1.0),
+        ("\\boxed{\\$17}", "\\$18", 0.0),
+        ("\\boxed{5}", "5 cm", 1.0),
+        ("\\boxed{5\\,\\text{cm}}", "5", 1.0),
+        ("\\boxed{40}", "40%", 1.0),
+        ("\\boxed{40\\%}", "40\\%", 1.0),
+        ("\\boxed{41}", "40\\%", 0.0),
+        ("\\boxed{3}", "3 \\text{ cm}", 1.0),
+        ("\\boxed{12}", "12 cm^2", 1.0),
+        ("\\boxed{12 \\text{ cm}^2}", "12", 1.0),
+        ("\\boxed{13}", "12 cm^2", 0.0),
+        ("\\boxed{\\text{9 apples}}", "9 (apples)", 1.0),
+        ("\\boxed{90}", "90^\\circ", 1.0),
+        ("\\boxed{\\frac{18}{2}}", "9 (apples)", 1.0),  # the reduced gold goes to math-verify too
+        ("\\boxed{1,234 dollars}", "#### 1,234", 1.0),
+    ],
+)
+def test_number_with_unit_or_words_is_that_number(completion, gold, expected):
+    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
+
+
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("\\boxed{2}", "2x", 0.0),
+        ("\\boxed{2x}", "2x", 1.0),
+        ("\\boxed{2}", "2xy", 0.0),
+        ("\\boxed{1}", "x^2+1", 0.0),
+        ("\\boxed{3}", "3 and 4", 0.0),
+        ("\\boxed{3}", "\\frac{3}{4}", 0.0),
+        ("\\boxed{5}", "5 + 3", 0.0),
+        ("\\boxed{8}", "5 + 3", 1.0),
+        ("\\boxed{3}", "3 pi", 0.0),
+        ("\\boxed{5}", "5 cm by 3 cm", 0.0),  # a second number: not one number with a unit
+    ],
+)
+def test_expressions_are_not_reduced_to_their_number(completion, gold, expected):
+    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
+
+
+# math-verify reads a plain word as a product of letters, so any permutation would be "equal"
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("\\boxed{Tuesday}", "Tuesday", 1.0),
+        ("\\boxed{\\text{tuesday}}", "Tuesday", 1.0),
+        ("\\boxed{ TUESDAY. }", "\\text{Tuesday}", 1.0),
+        ("\\boxed{yadseuT}", "Tuesday", 0.0),
+        ("\\boxed{Yes}", "yes", 1.0),
+        ("\\boxed{sey}", "yes", 0.0),
+        ("\\boxed{apples}", "apples", 1.0),
+        ("\\boxed{sppale}", "apples", 0.0),
+        ("\\boxed{no  solution}", "No solution", 1.0),
+    ],
+)
+def test_word_golds_compare_as_text(completion, gold, expected):
+    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
+
+
+# docs/algorithms.md (5.2): only thousands groups are one number; a comma list stays a list
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("\\boxed{1, 3, 5}", "1,3,5", 1.0),
+        ("\\boxed{135}", "1,3,5", 0.0),
+        ("\\boxed{1,3,5}", "135", 0.0),
+        ("\\boxed{1, 35}", "135", 0.0),
+        ("\\boxed{1,234,567}", "1234567", 1.0),
+        ("\\boxed{-1,234.5}", "-1234.5", 1.0),
+        ("\\boxed{1,2345}", "12345", 0.0),
+        ("\\boxed{1 234}", "1234", 1.0),  # SI-style groups (math-verify alone reads "1 234" as 235)
+    ],
+)
+def test_commas_are_thousands_groups_or_a_list(completion, gold, expected):
+    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
+
+
+def test_commas_in_gsm8k_golds_and_the_last_number_fallback():
+    assert rewards.extract_gold("...\n#### 1,234,567") == "1234567"
+    assert rewards.extract_gold("...\n#### 1,3,5") == "1,3,5"
+    assert rewards.extract_answer("it is 1,234", last_number_fallback=True) == "1234"
+    assert rewards.extract_answer("it is -1,234.5.", last_number_fallback=True) == "-1234.5"
+    assert rewards.extract_answer("the odd ones are 1,3,5", last_number_fallback=True) != "135"
+    assert rewards.correctness_reward_last_number(["q"], ["the odd ones are 1,3,5"], ["#### 135"]) == [0.0]
 
 
 def test_unparseable_gold_is_none_not_a_crash():
@@ -77,15 +175,8 @@ def test_adversarial_completions_return_in_bounded_time(text, gold):
 
 
 def test_format_reward():
-    assert rewards.format_reward(None, ["so \\boxed{3}", "no box", "\\boxed{1} \\boxed{2}", "\\boxed{}"]) == [1.0, 0.0, 0.0, 0.0]
-
-
-def test_agpo_length_bonus_only_for_correct_completions_of_mixed_groups():
-    correct = [True, True, False, False, True, True, True, True]
-    lengths = [10, 20, 5, 5, 10, 20, 30, 40]
-    b = rewards.agpo_length_bonus(correct, lengths, 4, coef=0.1)
-    assert b[0] == pytest.approx(0.1) and b[1] == pytest.approx(0.1 * 1e-6 / (10 + 1e-6))
-    assert b[2:] == [0.0] * 6  # wrong completions, and the all-correct group
+    completions = ["so \\boxed{3}", "no box", "\\boxed{1} \\boxed{2}", "\\boxed{}"]
+    assert rewards.format_reward(None, completions) == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_kimi_length_penalty():
@@ -98,8 +189,9 @@ def test_kimi_length_penalty():
 
 
 def test_length_penalty_trl_signature():
-    out = rewards.length_penalty(["q"] * 2, ["\\boxed{1}", "\\boxed{2}"], ["#### 1"] * 2,
-                                 completion_ids=[[1] * 3, [1] * 7], num_generations=2)
+    out = rewards.length_penalty(
+        ["q"] * 2, ["\\boxed{1}", "\\boxed{2}"], ["#### 1"] * 2, completion_ids=[[1] * 3, [1] * 7], num_generations=2
+    )
     assert out == pytest.approx([0.5, -0.5])
 
 

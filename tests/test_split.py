@@ -2,27 +2,20 @@
 2 micro-batches (ZeRO-3, gloo) give the same update on the same data, for every loss type."""
 
 import os
-import socket
 
 import pytest
 import torch
-from conftest import ROOT, TESTS, run_script
-
-SCRIPTS = ["grpo"] + (["agpo_mask_clip"] if os.path.exists(os.path.join(ROOT, "agpo_mask_clip.py")) else [])
+from conftest import ALGORITHMS, TESTS, deepspeed_launcher, run_script
 
 
-@pytest.mark.parametrize("module", SCRIPTS)
+@pytest.mark.parametrize("module", ALGORITHMS)
 def test_one_rank_four_micro_batches_equals_two_ranks_two(module, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     check = os.path.join(TESTS, "split_check.py")
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     run_script([check, module, tiny_model, one, "2"], cwd=str(tmp_path))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    run_script([check, module, tiny_model, two, "2"], cwd=str(tmp_path),
-               launcher=["deepspeed", "--num_gpus", "2", "--master_port", port])
+    run_script([check, module, tiny_model, two, "2"], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
     a, b = torch.load(one), torch.load(two)
     initial = dict(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).named_parameters())
     for loss_type in ("grpo", "dapo", "dr_grpo"):

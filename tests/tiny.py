@@ -27,27 +27,39 @@ def build_tokenizer(out_dir: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
 
 
-def build_tiny_model(out_dir: str, seed: int = 0, num_layers: int = 2) -> str:
-    """A random Qwen2 with head_dim 64 (vLLM's CPU attention needs it) and tied embeddings."""
+def build_tiny_model(out_dir: str, seed: int = 0, num_layers: int = 2, tied: bool = True) -> str:
+    """A random Qwen2 with head_dim 64 (vLLM's CPU attention needs it), with tied embeddings or its own lm_head."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
     os.makedirs(out_dir, exist_ok=True)
     tok = build_tokenizer(out_dir)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
-        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=None, dtype="float32",
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tied,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

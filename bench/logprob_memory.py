@@ -1,0 +1,87 @@
+"""Peak memory of one log-prob forward + backward (the update's micro-batch), as grpo.py computes it.
+
+    python bench/logprob_memory.py --model MODEL --chunk-size 0      # the fp32 log-softmax in one piece
+    python bench/logprob_memory.py --model MODEL --chunk-size 256    # 256 positions at a time (the default)
+
+Prints one JSON line: the peak of the step above what was resident before it, in MiB (on CUDA the
+allocator's peak; on CPU the process's peak resident memory, reset through /proc/self/clear_refs
+before the step, so loading the model does not count).
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Args:
+    model: str
+    """local model directory"""
+    chunk_size: int = 256
+    """grpo.py's --logprob-chunk-size (0: all positions at once)"""
+    micro_batch_size: int = 4
+    """sequences in the micro-batch"""
+    completion_length: int = 1024
+    """tokens per completion (random token ids; the prompt is 64 tokens)"""
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    import grpo
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (64,), generator=g).tolist() for _ in range(args.micro_batch_size)]
+    completions = [
+        torch.randint(0, vocab, (args.completion_length,), generator=g).tolist() for _ in range(args.micro_batch_size)
+    ]
+    batch = grpo.collate(prompts, completions, 0, device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident memory, to the current resident memory
+        before, _ = resident_mib()
+    t = time.perf_counter()
+    logp, entropy = grpo.completion_logprobs(model, batch, 1.0, with_entropy=True, chunk_size=args.chunk_size)
+    logp.sum().backward()
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resident_mib()[1]
+    logits_mib = args.micro_batch_size * args.completion_length * vocab * 4 / 2**20
+    print(
+        json.dumps(
+            {
+                "chunk_size": args.chunk_size,
+                "peak_over_before_mib": round(peak - before, 1),
+                "fp32_logits_of_the_micro_batch_mib": round(logits_mib, 1),
+                "seconds": round(seconds, 3),
+                "device": device,
+                "micro_batch_size": args.micro_batch_size,
+                "completion_length": args.completion_length,
+                "vocab": vocab,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

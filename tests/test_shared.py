@@ -1,0 +1,309 @@
+"""The code every algorithm script shares (the scripts duplicate it on purpose), tested in each script:
+padding never reaches an exp, chunked log-probs, old log-probs from the update's own micro-batches,
+stop tokens, collectives on the training device, precision settings, recorded flags, CLI help,
+reward-function output checks, per-row sampling temperature."""
+
+import ast
+import contextlib
+import importlib
+import inspect
+import io
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ALGORITHMS, ROOT, build_tiny_model
+from transformers import AutoModelForCausalLM
+
+import eval as ev
+
+MODULES = {name: importlib.import_module(name) for name in ALGORITHMS}
+each = pytest.mark.parametrize("algo", list(MODULES.values()), ids=list(MODULES))
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A gloo process group of one, for the collectives of update_policy run in this process."""
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+
+
+class PlainEngine:
+    """What update_policy asks of a DeepSpeed engine, on a plain model in one process."""
+
+    def __init__(self, model):
+        self.module = model
+        self.grad_norms = []
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def backward(self, loss, scale_wrt_gas=False):
+        loss.backward()
+
+    def step(self):
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        self.grad_norms.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item())
+        self.module.zero_grad()
+
+    def get_global_grad_norm(self):
+        return self.grad_norms[-1]
+
+
+def rollout_of(algo, lengths, pad_id=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(lengths)
+    return algo.Rollout(
+        prompt_ids=[torch.randint(5, 200, (3 + i % 4,), generator=g).tolist() for i in range(n)],
+        completion_ids=[torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths],
+        advantages=torch.randn(n, generator=g),
+        loss_mask=algo.completion_mask(lengths),
+        pad_id=pad_id,
+    )
+
+
+@each
+def test_padded_positions_never_reach_an_exp(algo, tiny_model, world_of_one, monkeypatch):
+    """docs/algorithms.md (6.2). The cached ℓref (and ℓold) are 0 on padding; a policy log-prob below
+    about −88 there made exp(ℓref − ℓθ) overflow: KL = inf, and the loss and gradient NaN although
+    that position's weight is 0. β > 0 and μ = 2 (shuffled micro-batches), through update_policy."""
+    real = algo.completion_logprobs
+
+    def very_unlikely_padding(model, batch, temperature, with_entropy=False, chunk_size=256):
+        logp, entropy = real(model, batch, temperature, with_entropy, chunk_size)
+        padded = batch["completion_ids"] == 0  # pad id 0; the test's completions never hold token 0
+        return logp - 100.0 * padded, entropy  # still a function of the weights there, as in training
+
+    monkeypatch.setattr(algo, "completion_logprobs", very_unlikely_padding)
+    args = algo.Args(micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1)
+    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
+    rollout = rollout_of(algo, [1, 8, 3, 6])
+    plan = algo.update_plan(4, args, torch.Generator().manual_seed(0))
+    algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+    assert rollout.ref_logp[0, 1:].eq(0).all() and rollout.old_logp[0, 1:].eq(0).all()  # padding in the cache
+    metrics = algo.Metrics()
+    algo.update_policy(engine, rollout, plan, args, metrics, "cpu")
+    assert len(engine.grad_norms) == 4 and all(math.isfinite(g) and g > 0 for g in engine.grad_norms)
+    kl_sum, _ = metrics.sums["kl"]
+    assert math.isfinite(kl_sum)
+
+
+@each
+def test_loss_is_finite_where_masked_logprobs_are_extreme(algo):
+    logp = torch.tensor([[-0.5, -100.0]], requires_grad=True)
+    cached = torch.tensor([[-0.4, 0.0]])  # ℓold and ℓref, 0 on the padded second position
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, kl, *_ = algo.grpo_token_loss(logp, cached, torch.tensor([1.0]), mask, 0.2, 0.2, cached, 0.04)
+    (loss * mask).sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(kl).all() and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 0] != 0
+
+
+@each
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_chunked_logprobs_equal_the_unchunked_ones(algo, tiny_model, with_entropy):
+    """docs/algorithms.md (6.3): chunks of positions (recomputed in the backward) give the same
+    log-probs, entropy and gradient as one fp32 log-softmax over all positions."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    rollout = rollout_of(algo, [7, 2, 5])
+    batch = rollout.micro_batch([0, 1, 2], "cpu")
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
+    results = []
+    for chunk in (0, 3):
+        model.zero_grad()
+        logp, entropy = algo.completion_logprobs(model, batch, 0.7, with_entropy=with_entropy, chunk_size=chunk)
+        (logp * weights * batch["loss_mask"]).sum().backward()
+        results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
+    (a, ent_a, grad_a), (b, ent_b, grad_b) = results
+    assert torch.allclose(a, b, atol=1e-6)
+    if with_entropy:
+        assert torch.allclose(ent_a, ent_b, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(grad_a, grad_b))
+    assert max(g.abs().max() for g in grad_a) > 0
+
+
+@each
+def test_old_logprobs_come_from_the_first_pass_micro_batches(algo, tiny_model):
+    """docs/algorithms.md (6.1): in bf16 a row's log-probs depend on the micro-batch it is padded
+    with, so ℓold computed in other micro-batches than the update's first pass would make that
+    pass's ratio differ from 1. Computed from the same micro-batches, it is exactly 1."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    args = algo.Args(micro_batch_size=2, num_iterations=2, beta=0.0, world_size=1)
+    rollout = rollout_of(algo, [3, 9, 5, 12, 2, 7, 4, 10])
+    plan = algo.update_plan(8, args, torch.Generator().manual_seed(3))
+    first_pass = [ix for mini in plan[0] for ix in mini]
+    assert first_pass != [[0, 1], [2, 3], [4, 5], [6, 7]]  # shuffled
+    algo.rollout_logprobs(model, None, rollout, first_pass, args, "cpu")
+    in_order = rollout.old_logp.clone()
+    algo.rollout_logprobs(model, None, rollout, [[0, 1], [2, 3], [4, 5], [6, 7]], args, "cpu")
+    in_order, rollout.old_logp = rollout.old_logp, in_order
+    worst_same, worst_other = 0.0, 0.0
+    for ix in first_pass:  # the first pass of the update, with gradients as in training
+        batch = rollout.micro_batch(ix, "cpu")
+        logp, _ = algo.completion_logprobs(model, batch, args.temperature)
+        m = batch["loss_mask"].bool()
+        worst_same = max(worst_same, (logp - batch["old_logp"])[m].abs().max().item())
+        worst_other = max(worst_other, (logp - in_order[ix, : m.shape[1]])[m].abs().max().item())
+    assert worst_same == 0.0
+    assert worst_other > 0  # the check is sharp: other micro-batches do change bf16 log-probs
+
+
+@each
+def test_stop_tokens_include_the_chat_templates_end_of_turn(algo, tmp_path):
+    """Qwen2.5 base: EOS <|endoftext|>, but its chat template ends a turn with <|im_end|>."""
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path))
+    tok.eos_token = "<|endoftext|>"
+    ids = algo.stop_token_ids(str(tmp_path / "no-generation-config"), tok)
+    assert ids == sorted({tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")})
+    tok.chat_template = None
+    assert algo.stop_token_ids(str(tmp_path), tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
+    # eval.py carries the same two functions (it stays importable without DeepSpeed)
+    for fn in ("end_of_turn_token_id", "stop_token_ids"):
+        assert inspect.getsource(getattr(algo, fn)) == inspect.getsource(getattr(ev, fn))
+
+
+def _collective_args(tree: ast.AST):
+    """(function, name of the tensor given to a dist collective) for every dist.<collective>(name) call."""
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            for call in ast.walk(fn):
+                if (
+                    isinstance(call, ast.Call)
+                    and isinstance(call.func, ast.Attribute)
+                    and isinstance(call.func.value, ast.Name)
+                    and call.func.value.id == "dist"
+                    and call.func.attr in ("all_reduce", "broadcast", "all_gather", "reduce_scatter")
+                    and call.args
+                    and isinstance(call.args[0], ast.Name)
+                ):
+                    yield fn, call.args[0].id
+
+
+@each
+def test_every_tensor_given_to_a_collective_is_made_on_the_training_device(algo):
+    """NCCL rejects CPU tensors: a tensor created without device= and handed to dist.all_reduce
+    crashes every multi-GPU run (it did, in the --refill loop). Each such tensor is built with
+    device=... in the function that reduces it."""
+    tree = ast.parse(open(algo.__file__).read())
+    checked = 0
+    for fn, name in _collective_args(tree):
+        makers = [
+            node.value
+            for node in ast.walk(fn)
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name) and t.id == name
+        ]
+        assert makers, f"{fn.name}: {name} is not created in the function that reduces it"
+        for value in makers:
+            assert isinstance(value, ast.Call) and any(k.arg == "device" for k in value.keywords), (
+                f"{algo.__name__}.{fn.name}: {name} = {ast.unparse(value)} is not made on the training device"
+            )
+        checked += 1
+    assert checked >= 2  # the per-step metrics and the loss normalisers, at least
+
+
+@each
+def test_bf16_accumulates_and_reduces_gradients_in_fp32(algo):
+    args = algo.Args()
+    gpu = algo.deepspeed_config(args, on_gpu=True, grad_accum=4)
+    assert gpu["bf16"]["enabled"] and gpu["data_types"]["grad_accum_dtype"] == "fp32"
+    assert gpu["communication_data_type"] == "fp32" and gpu["gradient_clipping"] == args.max_grad_norm
+    cpu = algo.deepspeed_config(args, on_gpu=False, grad_accum=4)
+    assert not cpu["bf16"]["enabled"] and "data_types" not in cpu
+    args.zero_stage = 0  # DeepSpeed supports fp32 accumulation of bf16 gradients only under ZeRO
+    assert "data_types" not in algo.deepspeed_config(args, on_gpu=True, grad_accum=4)
+
+
+@each
+def test_engine_flags_are_settled_before_they_are_recorded(algo):
+    def settle(on_gpu, vllm_ok, **flags):
+        args = algo.Args(**flags)
+        notes = algo.resolve_engine_flags(args, on_gpu, vllm_ok)
+        return args.use_vllm, args.vllm_sleep, args.gradient_checkpointing, notes
+
+    assert settle(True, True)[:3] == (True, "on", "on")  # CUDA defaults: sleep and checkpointing on
+    assert settle(False, True)[:3] == (True, "off", "off")  # CPU: no sleep mode, checkpointing costs time
+    use_vllm, sleep, _, notes = settle(True, False, vllm_sleep="on")  # no engine: no sleep mode either
+    assert (use_vllm, sleep) == (False, "off") and any("not importable" in n for n in notes)
+    assert settle(True, True, use_vllm=False)[1] == "off"
+    assert settle(True, True, gradient_checkpointing="off", vllm_sleep="off")[1:3] == ("off", "off")
+
+
+@each
+def test_help_offers_options_only(algo):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        import tyro
+
+        tyro.cli(algo.Args, args=["--help"])
+    text = out.getvalue()
+    assert "--learning-rate" in text and "--vllm-tensor-parallel-size" in text
+    assert "--world-size" not in text and "epsilon-high_" not in text and "(derived)" not in text
+
+
+@each
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (lambda n: [1.0] * (n - 1), "of length"),
+        (lambda n: "1.0", "returned str"),
+        (lambda n: [float("nan")] * n, "returned nan"),
+        (lambda n: [float("inf")] + [0.0] * (n - 1), "returned inf"),
+        (lambda n: ["0.5"] * n, "returned '0.5'"),
+    ],
+)
+def test_reward_function_output_is_checked(algo, bad, needle):
+    examples = [{"prompt": "p", "answer": "#### 1"}] * 2
+
+    def broken(prompts, completions, **kwargs):
+        return bad(len(completions))
+
+    with pytest.raises(RuntimeError, match="reward 'mine'") as e:
+        algo.score([broken], ["mine"], examples, ["a"] * 4, [[1]] * 4, 2)
+    assert needle in str(e.value)
+    ok = algo.score(
+        [lambda prompts, completions, **k: [None, 1, 0.5, True and 2.0]], ["ok"], examples, ["a"] * 4, [[1]] * 4, 2
+    )
+    assert ok[0, 0].isnan() and ok[0, 1:].tolist() == [1.0, 0.5, 2.0]
+
+
+@each
+def test_each_row_is_sampled_at_its_own_temperature(algo):
+    """The transformers path: temperature per row, then top-p (vLLM's order)."""
+    scores = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+    out = algo.RowTemperatureTopP(torch.tensor([1.0, 0.5]), top_p=1.0)(None, scores)
+    assert torch.allclose(out, torch.tensor([[2.0, 1.0, 0.0], [4.0, 2.0, 0.0]]))
+    # top-p 0.7 at these temperatures: row 0 (p ≈ .67, .24, .09) keeps 2 tokens, row 1 (.87, .12, .02) keeps 1
+    kept = torch.isfinite(algo.RowTemperatureTopP(torch.tensor([1.0, 0.5]), top_p=0.7)(None, scores))
+    assert kept.tolist() == [[True, True, False], [True, False, False]]
+
+
+@each
+def test_scripts_cite_the_repositorys_own_maths(algo):
+    text = open(algo.__file__).read()
+    assert "ALGORITHMS.md" not in text and "docs/algorithms.md" in text
+    assert os.path.isfile(os.path.join(ROOT, "docs", "algorithms.md"))
+
+
+@each
+def test_tensor_parallel_size_must_divide_the_ranks(algo, monkeypatch):
+    args = algo.Args(vllm_tensor_parallel_size=3, world_size=4, prompts_per_step=4)
+    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    with pytest.raises(SystemExit, match="--vllm-tensor-parallel-size 3 must divide the 4 ranks"):
+        algo.validate(args)
+
+
+def test_untied_tiny_model_has_its_own_lm_head(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(str(tmp_path), tied=False))
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
