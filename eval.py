@@ -320,8 +320,7 @@ def end_of_turn_token_id(tokenizer) -> Optional[int]:
     marker = "MARKER_6b1f"
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
     except Exception:  # a template that rejects this conversation has no end-of-turn token to find
         return None
     tail = text.split(marker)[-1].lstrip()
