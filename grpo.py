@@ -808,18 +808,32 @@ def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
     if tp > 1:  # consecutive ranks form one engine, as vLLM's external launcher expects
         tp_group, _ = dist.new_subgroups_by_enumeration(
             [list(range(s, s + tp)) for s in range(0, dist.get_world_size(), tp)])
+    max_len = args.max_prompt_length + args.max_completion_length
+    # vLLM's CPU build sizes its KV cache as a fraction of the node's RAM minus what this process already
+    # holds, which fails once the trainer's models are loaded: there it holds the step's batch instead
+    # (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides this)
+    sequences = tp * args.prompts_per_step // dist.get_world_size() * args.num_generations
+    kv_bytes = None if on_gpu else max(kv_cache_bytes(args.model, sequences, max_len, 4), 2**28)
     llm = LLM(
         model=args.model, seed=args.seed + rank // tp, dtype=dtype,
         distributed_executor_backend="external_launcher", tensor_parallel_size=tp,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        max_model_len=args.max_prompt_length + args.max_completion_length,
-        enable_sleep_mode=args.vllm_sleep == "on",
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_memory_bytes=kv_bytes,
+        max_model_len=max_len, enable_sleep_mode=args.vllm_sleep == "on",
         generation_config="vllm",  # our sampling settings, not the model's defaults
         # vLLM 0.32's CPU build crashes on a seeded request whose prefill is chunked ("CPU
         # Generator does not use offset"), and the per-request seeds are what make --resume exact
         enable_chunked_prefill=None if on_gpu else False,
     )
     return llm, tp_group
+
+
+def kv_cache_bytes(model: str, sequences: int, length: int, dtype_bytes: int) -> int:
+    """Bytes of keys and values for `sequences` sequences of `length` tokens of `model`."""
+    config = AutoConfig.from_pretrained(model)
+    config = getattr(config, "text_config", config)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * dtype_bytes * sequences * length
 
 
 def init_distributed() -> None:
@@ -901,6 +915,11 @@ class Metrics:
     def add(self, name: str, value_sum, count=1.0) -> None:
         s, c = self.sums.get(name, (0.0, 0.0))
         self.sums[name] = (s + float(value_sum), c + float(count))
+
+    def add_total(self, name: str, value) -> None:
+        """A quantity summed over ranks and over every call of the step (e.g. tokens generated), not averaged."""
+        s, _ = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (s + float(value), 1.0 / dist.get_world_size())  # the counts of all ranks add up to 1
 
     def reduce(self, device) -> dict:
         keys = sorted(self.sums)
@@ -1100,7 +1119,7 @@ def main() -> None:
         generated, completions, values, time_generate = sample_and_score(  # values: [F, n]
             llm, engine, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts, round_id, args,
             stop_ids, tp_group)
-        add("tokens/generated_step", sum(len(c) for c, _ in generated), 1.0 / world)  # summed over ranks
+        step_metrics.add_total("tokens/generated_step", sum(len(c) for c, _ in generated))
         if args.vllm_sleep == "on":
             llm.sleep(level=2)  # weights are re-sent after the update anyway
         prompt_ids = [e["prompt_ids"] for e in batch_examples]

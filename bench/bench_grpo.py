@@ -19,6 +19,7 @@ import sys
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import tyro
@@ -53,21 +54,24 @@ class BenchArgs:
     """reuse the grpo.py runs already in OUT.runs/ (re-measure only the direct baselines)"""
     memory_completion_length: int = 1024
     """completion length of the log-prob memory measurement (4 sequences; random tokens)"""
+    compare: Optional[str] = None
+    """another algorithm script (e.g. agpo_adaptive.py): time its steps with the same batch shape, μ = 1 and β as
+    grpo.py's, and write both (only this comparison is measured)"""
 
 
-def run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> list:
+def run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int, script: str = "grpo.py", extra=()) -> list:
     if not (args.reuse_runs and os.path.isdir(out_dir)):
         shutil.rmtree(out_dir, ignore_errors=True)
-        _run_grpo(args, out_dir, use_vllm, steps)
+        _run_grpo(args, out_dir, use_vllm, steps, script, extra)
     run = os.path.join(out_dir, os.listdir(out_dir)[0])
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def _run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> None:
+def _run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int, script: str, extra) -> None:
     cmd = [
         sys.executable,
-        os.path.join(ROOT, "grpo.py"),
+        os.path.join(ROOT, script),
         "--model",
         args.model,
         "--dataset",
@@ -91,11 +95,12 @@ def _run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int) -> None
         "--log-completions",
         "0",
         "--use-vllm" if use_vllm else "--no-use-vllm",
+        *extra,
     ]
-    with open(f"{args.out}.{'vllm' if use_vllm else 'transformers'}.log", "w") as log:
+    with open(f"{args.out}.{script[:-3]}.{'vllm' if use_vllm else 'transformers'}.log", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode:
-        raise SystemExit(f"grpo.py failed (exit {proc.returncode}); see {log.name}")
+        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log.name}")
 
 
 def direct_baselines(args: BenchArgs, steps: int) -> dict:
@@ -210,10 +215,35 @@ def summarise(m: list, skip_first: bool) -> dict:
     return out
 
 
+def compare_scripts(args: BenchArgs, runs: str) -> None:
+    """Phase times per step of grpo.py and of args.compare on the same batch shape, μ = 1, same β and seed."""
+    keys = ("time/generate", "time/probe", "time/logprobs", "time/update", "time/weight_sync", "time/step")
+    result = {"settings": asdict(args), "date": time.strftime("%Y-%m-%d %H:%M")}
+    for script in ("grpo.py", args.compare):
+        extra = ("--num-iterations", "1") if script != "grpo.py" else ()
+        m = run_grpo(args, os.path.join(runs, script[:-3]), True, args.steps, script, extra)[1:]  # step 1: warm-up
+        tokens = [r["tokens/generated_total"] - p["tokens/generated_total"] for p, r in zip(m, m[1:])] if len(m) > 1 \
+            else [m[0]["tokens/generated_total"]]
+        result[script] = {k: statistics.mean(r.get(k, 0.0) for r in m) for k in keys}
+        result[script]["generated_tokens_per_step"] = statistics.mean(tokens)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    a, b = result["grpo.py"], result[args.compare]
+    lines = [f"| per step (mean of steps 2–{args.steps}) | grpo.py | {args.compare} | ratio |", "|---|---|---|---|"]
+    for k in keys + ("generated_tokens_per_step",):
+        ratio = f"{b[k] / a[k]:.2f}" if a[k] > 0 else "-"
+        lines.append(f"| {k} | {a[k]:.2f} | {b[k]:.2f} | {ratio} |")
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     args = tyro.cli(BenchArgs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     runs = args.out + ".runs"
+    if args.compare:
+        return compare_scripts(args, runs)
     vllm_run = summarise(run_grpo(args, os.path.join(runs, "vllm"), True, args.steps), skip_first=True)
     hf_run = summarise(
         run_grpo(args, os.path.join(runs, "transformers"), False, args.hf_steps), skip_first=args.hf_steps > 1

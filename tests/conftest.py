@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -13,9 +14,31 @@ sys.path[:0] = [ROOT, TESTS]
 from tiny import build_tiny_model, write_jsonl  # noqa: E402
 
 # every algorithm script in the repository: the tests of the code they share run on each of them
-ALGORITHMS = [
-    m for m in ("grpo", "agpo_mask_clip", "agpo_adaptive", "a_grpo") if os.path.exists(os.path.join(ROOT, f"{m}.py"))
-]
+ALGORITHMS = [m for m in ("grpo", "agpo_mask_clip", "agpo_adaptive", "a_grpo") if os.path.exists(f"{ROOT}/{m}.py")]
+
+
+def make_args(algo, **overrides):
+    """A script's Args with its derived fields set as main() sets them; overrides of fields the script does
+    not have (e.g. beta, epsilon in a script whose objective has no such flag) are left out."""
+    args = algo.Args(**{k: v for k, v in overrides.items() if k in algo.Args.__dataclass_fields__})
+    if hasattr(args, "epsilon_high") and args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
+    return args
+
+
+def make_rollout(algo, prompt_ids, completion_ids, advantages, loss_mask, pad_id=0):
+    """A script's Rollout; in a script with a clip range per prompt, every prompt gets 0.2."""
+    rollout = algo.Rollout(prompt_ids=prompt_ids, completion_ids=completion_ids, advantages=advantages,
+                           loss_mask=loss_mask, pad_id=pad_id)
+    if hasattr(rollout, "epsilon"):
+        rollout.epsilon = torch.full((len(completion_ids),), 0.2)
+    return rollout
+
+
+def update_policy(algo, engine, rollout, plan, args, metrics, device="cpu"):
+    """A script's update_policy, with the controllers' initial state where the script has one (a_grpo.py)."""
+    extra = (algo.initial_control(args),) if hasattr(algo, "initial_control") else ()
+    return algo.update_policy(engine, rollout, plan, args, metrics, device, *extra)
 
 
 def vllm_importable() -> bool:
@@ -25,6 +48,18 @@ def vllm_importable() -> bool:
     except Exception:
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """A gloo process group of one, for the collectives of a script's update run in the test process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 @pytest.fixture(scope="session")

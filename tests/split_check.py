@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
+from conftest import make_args, make_rollout, update_policy  # tests/ is on every launch's path (run_script)
+
 N, G = 8, 4
 
 
@@ -43,7 +45,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for loss_type in ("grpo", "dapo", "dr_grpo"):
-        args = algo.Args(
+        args = make_args(
+            algo,
             micro_batch_size=micro,
             loss_type=loss_type,
             beta=0.0,
@@ -52,11 +55,10 @@ def main() -> None:
             num_mini_batches=1,
             world_size=world,
         )
-        args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
         full = fixed_rollout(algo, pad_id=0)
         share = N // world
         mine = slice(rank * share, (rank + 1) * share)
-        rollout = algo.Rollout(pad_id=0, **{k: v[mine] for k, v in full.items()})
+        rollout = make_rollout(algo, **{k: v[mine] for k, v in full.items()})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         config = {
@@ -70,7 +72,7 @@ def main() -> None:
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
         )
         plan = algo.update_plan(share, args, torch.Generator())
-        algo.update_policy(engine, rollout, plan, args, algo.Metrics(), torch.device("cpu"))
+        update_policy(algo, engine, rollout, plan, args, algo.Metrics(), torch.device("cpu"))
         params = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):
             results[loss_type] = {n: p.detach().clone() for n, p in params}

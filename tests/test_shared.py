@@ -10,29 +10,16 @@ import inspect
 import io
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import ALGORITHMS, ROOT, build_tiny_model
+from conftest import ALGORITHMS, ROOT, build_tiny_model, make_args, make_rollout, update_policy
 from transformers import AutoModelForCausalLM
 
 import eval as ev
 
 MODULES = {name: importlib.import_module(name) for name in ALGORITHMS}
 each = pytest.mark.parametrize("algo", list(MODULES.values()), ids=list(MODULES))
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A gloo process group of one, for the collectives of update_policy run in this process."""
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
 
 
 class PlainEngine:
@@ -60,7 +47,8 @@ class PlainEngine:
 def rollout_of(algo, lengths, pad_id=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = len(lengths)
-    return algo.Rollout(
+    return make_rollout(
+        algo,
         prompt_ids=[torch.randint(5, 200, (3 + i % 4,), generator=g).tolist() for i in range(n)],
         completion_ids=[torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths],
         advantages=torch.randn(n, generator=g),
@@ -82,15 +70,14 @@ def test_padded_positions_never_reach_an_exp(algo, tiny_model, world_of_one, mon
         return logp - 100.0 * padded, entropy  # still a function of the weights there, as in training
 
     monkeypatch.setattr(algo, "completion_logprobs", very_unlikely_padding)
-    args = algo.Args(micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1)
-    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1)
     engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
     rollout = rollout_of(algo, [1, 8, 3, 6])
     plan = algo.update_plan(4, args, torch.Generator().manual_seed(0))
     algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
     assert rollout.ref_logp[0, 1:].eq(0).all() and rollout.old_logp[0, 1:].eq(0).all()  # padding in the cache
     metrics = algo.Metrics()
-    algo.update_policy(engine, rollout, plan, args, metrics, "cpu")
+    update_policy(algo, engine, rollout, plan, args, metrics)
     assert len(engine.grad_norms) == 4 and all(math.isfinite(g) and g > 0 for g in engine.grad_norms)
     kl_sum, _ = metrics.sums["kl"]
     assert math.isfinite(kl_sum)
@@ -136,7 +123,7 @@ def test_old_logprobs_come_from_the_first_pass_micro_batches(algo, tiny_model):
     with, so ℓold computed in other micro-batches than the update's first pass would make that
     pass's ratio differ from 1. Computed from the same micro-batches, it is exactly 1."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    args = algo.Args(micro_batch_size=2, num_iterations=2, beta=0.0, world_size=1)
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.0, world_size=1)
     rollout = rollout_of(algo, [3, 9, 5, 12, 2, 7, 4, 10])
     plan = algo.update_plan(8, args, torch.Generator().manual_seed(3))
     first_pass = [ix for mini in plan[0] for ix in mini]
@@ -148,7 +135,7 @@ def test_old_logprobs_come_from_the_first_pass_micro_batches(algo, tiny_model):
     worst_same, worst_other = 0.0, 0.0
     for ix in first_pass:  # the first pass of the update, with gradients as in training
         batch = rollout.micro_batch(ix, "cpu")
-        logp, _ = algo.completion_logprobs(model, batch, args.temperature)
+        logp, _ = algo.completion_logprobs(model, batch, getattr(args, "temperature", 1.0))
         m = batch["loss_mask"].bool()
         worst_same = max(worst_same, (logp - batch["old_logp"])[m].abs().max().item())
         worst_other = max(worst_other, (logp - in_order[ix, : m.shape[1]])[m].abs().max().item())
@@ -298,8 +285,7 @@ def test_scripts_cite_the_repositorys_own_maths(algo):
 
 @each
 def test_tensor_parallel_size_must_divide_the_ranks(algo, monkeypatch):
-    args = algo.Args(vllm_tensor_parallel_size=3, world_size=4, prompts_per_step=4)
-    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    args = make_args(algo, vllm_tensor_parallel_size=3, world_size=4, prompts_per_step=4)
     with pytest.raises(SystemExit, match="--vllm-tensor-parallel-size 3 must divide the 4 ranks"):
         algo.validate(args)
 
@@ -307,3 +293,14 @@ def test_tensor_parallel_size_must_divide_the_ranks(algo, monkeypatch):
 def test_untied_tiny_model_has_its_own_lm_head(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model(str(tmp_path), tied=False))
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+@each
+def test_totals_add_up_over_calls_and_ranks(algo, world_of_one):
+    """Tokens are generated in several calls in a step (refill rounds, probes): a total, not a mean of them."""
+    metrics = algo.Metrics()
+    metrics.add_total("tokens", 100)
+    metrics.add_total("tokens", 28)
+    metrics.add("length", 10, 1)
+    metrics.add("length", 20, 1)
+    assert metrics.reduce("cpu") == {"tokens": 128.0, "length": 15.0}
