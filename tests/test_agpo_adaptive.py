@@ -1,0 +1,305 @@
+"""agpo_adaptive.py: every statistic and controller on hand-made values (docs/algorithms.md §3), the
+reduction to GRPO, per-request temperatures, and end-to-end runs (one process; resume; two ranks)."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TESTS, deepspeed_launcher, make_args, read_metrics, run_script, vllm_importable
+from transformers import AutoModelForCausalLM
+
+import agpo_adaptive as agpo
+import grpo
+
+SCRIPT = os.path.join(ROOT, "agpo_adaptive.py")
+needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+
+
+def test_defaults_follow_the_authors_code():
+    a = agpo.Args()
+    assert (a.tau_base, a.tau_min, a.tau_max, a.lambda_temp) == (1.0, 0.5, 1.5, 0.15)
+    assert (a.w_r, a.w_e, a.w_k, a.u_bar_rate) == (1.0, 1.0, 0.0, 0.1)
+    assert (a.eps_base, a.eps_min, a.eps_max) == (0.2, 0.05, 0.4)
+    assert (a.alpha_var, a.gamma_stepkl, a.delta_probe_entropy, a.zeta_skew) == (1.0, 0.5, 0.1, 0.0)
+    assert (a.entropy_ratio_min, a.entropy_ratio_max, a.entropy_ref_rate, a.drift_rate) == (0.5, 1.5, 0.01, 0.1)
+    assert (a.beta, a.num_iterations, a.dispersion, a.loss_type) == (0.03, 4, "std", "grpo")
+    assert a.probe and a.adaptive_temperature and a.adaptive_clip and a.controller_update == "step"
+
+
+# --- statistics (3.2)–(3.4) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["std", "mad", "iqr"])
+def test_equal_rewards_have_no_spread(mode):
+    """(3.2): eight rewards of 0.3 have a float32 std of ~3e-8; that noise would start Ū near 0 and send
+    the next τ to τ_max. In float64, with spreads below 1e-6 counted as 0, the spread is exactly 0."""
+    r = torch.full((1, 8), 0.3)
+    assert 0 < r.float().std().item() < 1e-6 or mode != "std"
+    assert agpo.dispersion(r, mode).tolist() == [0.0]
+
+
+def test_dispersions_by_hand():
+    r = torch.tensor([[0.0, 1.0, 2.0, 4.0, 7.0]])
+    assert agpo.dispersion(r, "std").item() == pytest.approx(torch.tensor([0.0, 1, 2, 4, 7]).std().item())
+    assert agpo.dispersion(r, "mad").item() == pytest.approx(1.4826 * 2)  # median 2, |r − 2| = 2 1 0 2 5
+    assert agpo.dispersion(r, "iqr").item() == pytest.approx((4 - 1) / 1.349)  # linear quantiles: q25 1, q75 4
+    even = torch.tensor([[1.0, 2.0, 3.0, 10.0]])  # lower median 2 (as torch.median); |r − 2| = 1 0 1 8 → 1
+    assert agpo.dispersion(even, "mad").item() == pytest.approx(1.4826)
+    one = torch.tensor([[5.0, float("nan"), float("nan"), float("nan")]])  # unscorable rewards leave the statistics
+    assert agpo.dispersion(one, "std").tolist() == [0.0]
+
+
+@pytest.mark.parametrize(
+    "text, balanced, authors",
+    [
+        ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", "2"),  # nested braces
+        ("first \\boxed{3} then \\boxed{ 4 }", "4", "4"),  # the last box
+        ("work\n#### 72", "72", "72"),  # GSM8K style
+        ("so 1,234 apples", "1234", "1234"),  # thousands commas
+        ("the point (1,2)", "2", "12"),  # a comma list is not one number
+        ("the answer is 3/4", "3/4", "3/4"),  # a fraction is one number
+        ("  The Answer  is\n YES ", "the answer is yes", "the answer is yes"),  # plain text, lower-cased
+    ],
+)
+def test_answer_keys(text, balanced, authors):
+    assert agpo.answer_key(text, "balanced") == balanced
+    assert agpo.answer_key(text, "authors") == authors
+
+
+def test_vote_entropy_extremes_and_a_value():
+    assert agpo.vote_entropy(["7"] * 8) == 0.0
+    assert agpo.vote_entropy([str(i) for i in range(8)]) == pytest.approx(math.log(8))
+    assert agpo.vote_entropy(["a", "a", "a", "b"]) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_skewness_value_floor_and_clamp():
+    r = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    n, z = 4, (r - r.mean()) / r.std()
+    assert agpo.skewness(r) == pytest.approx(math.sqrt(n * (n - 1)) / (n - 2) * (z**3).mean().item())
+    assert agpo.skewness(torch.tensor([0.0, 0.0, 0.0, -1.0])) == pytest.approx(-agpo.skewness(r))
+    assert agpo.skewness(torch.full((8,), 0.3)) == 0.0  # s < 1e-6
+    assert agpo.skewness(torch.tensor([0.0, 1.0])) == 0.0  # n ≤ 2
+    assert agpo.skewness(torch.tensor([0.0] * 199 + [1.0])) == 10.0  # clamped
+
+
+# --- controllers (3.7), (3.8), (3.11) ----------------------------------------------------------
+
+
+def test_clip_epsilon_on_the_authors_worked_example():
+    """ε = 0.2·1.5·(1 + 0.1·0.7)/(1 + 0.4 + 0.5·0.2 + 0.2·0.3), the entropy-ratio bound set to 2."""
+    args = agpo.Args(zeta_skew=0.2, entropy_ratio_max=2.0)
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    eps, h_ref = agpo.clip_epsilons(one(3.0), one(0.7), one(0.4), one(-0.3), 2.0, 0.2, args)
+    assert eps.item() == pytest.approx(0.2 * 1.5 * (1 + 0.1 * 0.7) / (1 + 0.4 + 0.5 * 0.2 + 0.2 * 0.3))
+    assert h_ref == 2.0  # --controller-update step: the caller moves H_ref once per step
+    low, _ = agpo.clip_epsilons(one(3.0), one(0.0), one(50.0), one(0.0), 2.0, 0.0, args)
+    high, _ = agpo.clip_epsilons(one(30.0), one(9.0), one(0.0), one(0.0), 2.0, 0.0, args)
+    assert (low.item(), high.item()) == (args.eps_min, args.eps_max)
+    first, _ = agpo.clip_epsilons(one(3.0), one(0.0), one(0.0), one(0.0), 0.0, 0.0, args)  # H_ref uninitialised
+    assert first.item() == pytest.approx(args.eps_base)  # the entropy ratio is 1
+
+
+def test_temperature_goes_up_with_uncertainty_and_starts_at_tau_base():
+    args = agpo.Args()
+    U = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    tau, c, _ = agpo.temperatures(U, 1.0, args)
+    assert tau[0] < tau[1] < tau[2] and tau[1].item() == pytest.approx(args.tau_base)
+    assert tau[2].item() == pytest.approx(1.0 * (1 + 0.15 * 0.5), rel=1e-6)
+    tau, c, _ = agpo.temperatures(U, 0.0, args)  # the first step: Ū uninitialised, c = 0
+    assert c.tolist() == [0.0] * 3 and tau.tolist() == [args.tau_base] * 3
+    tau, _, _ = agpo.temperatures(torch.tensor([100.0, 0.0], dtype=torch.float64), 1.0, args)
+    assert tau.tolist() == pytest.approx([args.tau_max, args.tau_base * (1 - 0.15)])
+
+
+def test_permuting_the_prompts_permutes_tau_and_eps_and_changes_nothing_else():
+    args = agpo.Args()
+    g = torch.Generator().manual_seed(0)
+    U, H, E, sigma, kappa = (torch.rand(6, generator=g, dtype=torch.float64) + 0.1 for _ in range(5))
+    perm = torch.randperm(6, generator=g)
+    tau, _, u_bar = agpo.temperatures(U, 0.8, args)
+    tau_p, _, u_bar_p = agpo.temperatures(U[perm], 0.8, args)
+    eps, h_ref = agpo.clip_epsilons(H, E, sigma, kappa, 0.5, 0.1, args)
+    eps_p, h_ref_p = agpo.clip_epsilons(H[perm], E[perm], sigma[perm], kappa[perm], 0.5, 0.1, args)
+    assert torch.equal(tau[perm], tau_p) and torch.equal(eps[perm], eps_p)
+    assert (u_bar, h_ref) == (u_bar_p, h_ref_p) == (0.8, 0.5)  # the state moves once, from the batch mean
+    # the authors' per-prompt update (--controller-update prompt) depends on the order
+    authors = agpo.Args(controller_update="prompt")
+    assert not torch.allclose(agpo.temperatures(U, 0.8, authors)[0][perm], agpo.temperatures(U[perm], 0.8, authors)[0])
+
+
+def test_ema_initialises_from_the_first_value():
+    assert agpo.ema(0.0, 2.0, 0.1) == 2.0  # uninitialised (≤ 1e-8): takes the value
+    assert agpo.ema(1.0, 2.0, 0.1) == pytest.approx(1.1)
+    assert agpo.ema(0.0, 2.0, 0.1, initialise=False) == pytest.approx(0.2)  # D̄ starts at 0 (3.6)
+
+
+def test_advantage_divides_by_the_dispersion_with_a_floor():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+    a = agpo.adaptive_advantages(r, 4, "std")
+    std = torch.tensor([1.0, 0, 0, 1]).double().std()
+    assert torch.allclose(a[:4], (r[:4] - 0.5) / std) and a[4:].tolist() == [0.0] * 4
+    assert agpo.adaptive_advantages(torch.tensor([1.0, float("nan"), 0.0, 0.0]), 4, "std")[1] == 0
+
+
+# --- the whole objective reduces to GRPO --------------------------------------------------------
+
+
+def test_controllers_off_reduce_to_grpo(tiny_model, world_of_one):
+    """No probe, no controllers, β 0: the loss and gradient equal grpo.py's --loss-type grpo on the same
+    batch, up to the advantage's floor (max(d, 1e-8) here, d + 1e-4 in GRPO: 1e-4 relative at d ≈ 1)."""
+    from test_shared import PlainEngine
+
+    rewards = torch.tensor([0.0, 1.0, 3.0, 2.0, 5.0, 1.0, 0.0, 4.0], dtype=torch.float64)
+    lengths = [3, 5, 2, 6, 4, 1, 5, 3]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (4,), generator=g).tolist() for _ in range(8)]
+    completions = [torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths]
+    grads, losses = {}, {}
+    for algo in (grpo, agpo):
+        args = make_args(algo, micro_batch_size=4, num_iterations=1, beta=0.0, loss_type="grpo", world_size=1,
+                         probe=False, adaptive_temperature=False, adaptive_clip=False)
+        adv = (agpo.adaptive_advantages(rewards, 4, "std") if algo is agpo else grpo.group_advantages(rewards, 4))
+        rollout = algo.Rollout(prompt_ids=prompts, completion_ids=completions, advantages=adv.float(),
+                               loss_mask=algo.completion_mask(lengths), pad_id=0)
+        if algo is agpo:
+            rollout.epsilon = torch.full((8,), args.eps_base)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        engine = PlainEngine(model)
+        engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole optimizer step
+        metrics = algo.Metrics()
+        plan = algo.update_plan(8, args, torch.Generator())
+        algo.rollout_logprobs(engine, None, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        algo.update_policy(engine, rollout, plan, args, metrics, "cpu")
+        grads[algo] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        losses[algo] = metrics.sums["policy_loss"][0]
+    assert grads[grpo].abs().max() > 1e-3
+    assert (grads[agpo] - grads[grpo]).norm() <= 1e-3 * grads[grpo].norm()
+    assert losses[agpo] == pytest.approx(losses[grpo], rel=1e-3, abs=1e-6)  # ≈ 0 at ρ = 1: A has mean 0
+
+
+# --- generation: one temperature per prompt, in one engine call ---------------------------------
+
+
+def test_each_training_request_reaches_vllm_with_its_own_temperature():
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm=False):
+            self.prompts, self.params = prompts, params
+            out = type("O", (), {"token_ids": [7], "finish_reason": "stop"})
+            return [type("R", (), {"outputs": [out] * 2})() for _ in prompts]
+
+    llm = FakeLLM()
+    args = agpo.Args(num_generations=2)
+    generated = agpo.vllm_generate(llm, [[1, 2], [3], [4, 5, 6]], [0.7, 1.0, 1.3], [11, 12, 13], args, [9], None)
+    assert [p.temperature for p in llm.params] == [0.7, 1.0, 1.3] and len(llm.prompts) == 3  # one call
+    assert [p.seed for p in llm.params] == [11, 12, 13] and all(p.n == 2 for p in llm.params)
+    assert len(generated) == 6
+
+
+def test_transformers_path_samples_each_row_at_its_prompts_temperature():
+    class FakeModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, logits_processor, **kwargs):
+            self.processor = logits_processor[0]
+            return torch.cat([input_ids.repeat_interleave(2, 0), torch.full((input_ids.shape[0] * 2, 1), 9)], 1)
+
+    model = FakeModel()
+    agpo.hf_generate(model, [[1, 2], [3, 4]], [0.6, 1.4], 0, agpo.Args(num_generations=2), [9], 0, False)
+    assert model.processor.temperatures.squeeze(-1).tolist() == pytest.approx([0.6, 0.6, 1.4, 1.4])
+
+
+# --- state across ranks: 2 ranks move the controllers as 1 rank does ---------------------------
+
+
+def test_two_ranks_move_the_controllers_as_one_rank(tmp_path):
+    check = os.path.join(TESTS, "controller_check.py")
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    run_script([check, one], cwd=str(tmp_path))
+    run_script([check, two], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
+    a, b = torch.load(one), torch.load(two)
+    assert a["controller"] == pytest.approx(b["controller"], rel=1e-12)
+    assert torch.allclose(a["tau"], b["tau"]) and torch.allclose(a["eps"], b["eps"])
+    assert a["controller"]["u_bar"] > 0 and a["controller"]["h_ref"] > 0 and a["controller"]["drift_bar"] > 0
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+TINY = ["--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4", "--max-completion-length", "16",
+        "--total-steps", "2", "--log-completions", "1", "--learning-rate", "1e-2", "--reward-funcs", "toy_rewards:letter_a"]
+METRICS = ["agpo/tau_mean", "agpo/tau_min", "agpo/tau_max", "agpo/eps_mean", "agpo/eps_min", "agpo/eps_max",
+           "agpo/probe_reward", "agpo/probe_std", "agpo/vote_entropy", "agpo/skew", "agpo/u", "agpo/u_bar", "agpo/h",
+           "agpo/h_ref", "agpo/drift", "agpo/drift_ema", "tokens/probe_total", "time/probe", "reward", "kl", "entropy",
+           "grad_norm", "tokens/generated_total"]
+
+
+def check_run(out: str, steps: int, completions: int = 8) -> list:
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        assert all(k in m and math.isfinite(m[k]) for k in METRICS), [k for k in METRICS if k not in m]
+        assert 0.5 <= m["agpo/tau_min"] <= m["agpo/tau_mean"] <= m["agpo/tau_max"] <= 1.5
+        assert 0.05 <= m["agpo/eps_min"] <= m["agpo/eps_mean"] <= m["agpo/eps_max"] <= 0.4
+    # probes count in the budget: the total minus the probes is the training groups' tokens
+    training = sum(m["completions/mean_length"] * completions for m in metrics)
+    assert metrics[-1]["tokens/generated_total"] - metrics[-1]["tokens/probe_total"] == pytest.approx(training)
+    assert metrics[-1]["tokens/probe_total"] > 0
+    return metrics
+
+
+def test_one_process_transformers_and_the_ablations(tiny_model, add_data, tmp_path):
+    out = str(tmp_path / "runs")
+    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *TINY],
+               cwd=str(tmp_path))
+    metrics = check_run(out, 2)
+    assert metrics[0]["agpo/tau_min"] == metrics[0]["agpo/tau_max"] == 1.0  # c = 0 in the first step
+    assert metrics[0]["agpo/drift_ema"] == pytest.approx(0.1 * metrics[0]["agpo/drift"])
+    off = str(tmp_path / "off")
+    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", off, "--no-use-vllm", *TINY,
+                "--no-probe", "--no-adaptive-temperature", "--no-adaptive-clip"], cwd=str(tmp_path))
+    for m in read_metrics(off):
+        assert m["agpo/tau_mean"] == 1.0 and m["agpo/eps_mean"] == pytest.approx(0.2) and m["tokens/probe_total"] == 0
+        assert "agpo/vote_entropy" not in m and "agpo/drift" not in m
+
+
+def test_no_probe_needs_both_controllers_off(monkeypatch, add_data, tiny_model):
+    monkeypatch.setattr(sys, "argv", ["agpo_adaptive.py", "--model", tiny_model, "--dataset", add_data, "--no-probe"])
+    with pytest.raises(SystemExit) as e:
+        agpo.main()
+    assert "--no-adaptive-temperature --no-adaptive-clip" in str(e.value.code)
+
+
+@needs_vllm
+def test_one_process_vllm_and_resume(tiny_model, add_data, tmp_path):
+    """--resume from checkpoint-1 continues exactly: step 2's τ, ε and every other metric as uninterrupted."""
+    import json
+    import shutil
+
+    out = str(tmp_path / "runs")
+    common = [SCRIPT, "--model", tiny_model, "--dataset", add_data, *TINY, "--save-steps", "1", "--sync-check-steps", "1"]
+    run_script(common + ["--output-dir", out], cwd=str(tmp_path))
+    full = check_run(out, 2)
+    assert all(m["sync/logprob_max_abs_diff"] < 1e-3 for m in full)
+    name = os.listdir(out)[0]
+    out2 = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
+    with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(full[0]) + "\n")
+    run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=str(tmp_path))
+    a, b = full[1], read_metrics(out2)[1]
+    compared = [k for k in a if not k.startswith(("time/", "tokens/per_second"))]
+    assert {"agpo/tau_mean", "agpo/eps_mean", "agpo/u_bar", "agpo/h_ref", "agpo/drift_ema"} <= set(compared)
+    for k in compared:
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
+@needs_vllm
+def test_deepspeed_two_ranks_zero3_vllm(tiny_model, add_data, tmp_path):
+    out = str(tmp_path / "runs")
+    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *TINY, "--prompts-per-step",
+                "4", "--sync-check-steps", "1"], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
+    metrics = check_run(out, 2, completions=16)
+    assert all(m["sync/logprob_max_abs_diff"] < 1e-3 for m in metrics)
