@@ -110,7 +110,6 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import grpo
     from transformers import AutoModelForCausalLM
-    from vllm import LLM
 
     grpo.init_distributed()
     gargs = grpo.Args(
@@ -120,20 +119,11 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
     )
-    tok = grpo.load_tokenizer(args.model)
+    tok = grpo.load_tokenizer(gargs)
     ds, q, a = grpo.load_rows(gargs)
     examples, _, _ = grpo.prepare_prompts(ds, q, a, tok, gargs)
     stop = grpo.stop_token_ids(args.model, tok)
-    llm = LLM(
-        model=args.model,
-        dtype=torch.float32,
-        seed=gargs.seed,
-        distributed_executor_backend="external_launcher",
-        gpu_memory_utilization=gargs.vllm_gpu_memory_utilization,
-        enable_chunked_prefill=None if torch.cuda.is_available() else False,  # as grpo.py's engine
-        max_model_len=gargs.max_prompt_length + gargs.max_completion_length,
-        generation_config="vllm",
-    )
+    llm, _ = grpo.setup_vllm(gargs, 0, torch.float32, torch.cuda.is_available())  # the trainer's engine settings
     gen_t, gen_tok, fwd_t, upd_t, tokens = [], [], [], [], []
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -175,23 +165,19 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
 
 
 def logprob_memory(args: BenchArgs) -> dict:
-    """Peak memory of one log-prob forward + backward, fp32 log-softmax in one piece vs in chunks of 256."""
+    """Peak memory of one log-prob forward + backward, fp32 log-softmax in one piece vs in chunks of 256: of the
+    whole micro-batch, and of the log-softmax stage alone (what the chunks change)."""
     out = {}
-    for chunk in (0, 256):
-        cmd = [
-            sys.executable,
-            os.path.join(ROOT, "bench", "logprob_memory.py"),
-            "--model",
-            args.model,
-            "--chunk-size",
-            str(chunk),
-            "--completion-length",
-            str(args.memory_completion_length),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-        if proc.returncode:
-            raise SystemExit(f"logprob_memory.py failed:\n{proc.stderr[-3000:]}")
-        out["one_piece" if chunk == 0 else "chunks_of_256"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stage in ("micro-batch", "log-softmax"):
+        for chunk in (0, 256):
+            cmd = [sys.executable, os.path.join(ROOT, "bench", "logprob_memory.py"), "--model", args.model,
+                   "--chunk-size", str(chunk), "--completion-length", str(args.memory_completion_length),
+                   "--stage", stage]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            if proc.returncode:
+                raise SystemExit(f"logprob_memory.py failed:\n{proc.stderr[-3000:]}")
+            key = f"{stage}/{'one_piece' if chunk == 0 else 'chunks_of_256'}"
+            out[key] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -310,19 +296,16 @@ def main() -> None:
     )
     lines.append(f"| weight sync (s) | {vllm_run['weight_sync_s']:.3f} | - | - |")
     lines.append(f"| step (s) | {vllm_run['step_s']:.2f} | {hf_run['step_s']:.2f} | - |")
-    one, chunked = memory["one_piece"], memory["chunks_of_256"]
-    lines += [
-        "",
-        f"Peak memory of one log-prob forward + backward ({one['micro_batch_size']} × {one['completion_length']} "
-        f"tokens, vocabulary {one['vocab']}, {one['device']}; fp32 logits of the micro-batch: "
-        f"{one['fp32_logits_of_the_micro_batch_mib']:.0f} MiB):",
-        "",
-        "| fp32 log-softmax | peak over resident (MiB) | seconds |",
-        "|---|---|---|",
-        f"| in one piece (before) | {one['peak_over_before_mib']:.0f} | {one['seconds']:.2f} |",
-        f"| in chunks of 256 positions, recomputed in the backward | {chunked['peak_over_before_mib']:.0f} | "
-        f"{chunked['seconds']:.2f} |",
-    ]
+    one = memory["micro-batch/one_piece"]
+    lines += ["", f"Peak memory of one log-prob forward + backward ({one['micro_batch_size']} × "
+              f"{one['completion_length']} tokens, vocabulary {one['vocab']}, {one['device']}; fp32 logits of the "
+              f"micro-batch: {one['fp32_logits_of_the_micro_batch_mib']:.0f} MiB), peak over resident in MiB "
+              "(seconds):", "",
+              "| fp32 log-softmax | whole micro-batch (model included) | log-softmax stage alone |", "|---|---|---|"]
+    for key, name in (("one_piece", "in one piece (before)"), ("chunks_of_256", "in chunks of 256, recomputed")):
+        whole, stage = memory[f"micro-batch/{key}"], memory[f"log-softmax/{key}"]
+        lines.append(f"| {name} | {whole['peak_over_before_mib']:.0f} ({whole['seconds']:.1f} s) | "
+                     f"{stage['peak_over_before_mib']:.0f} ({stage['seconds']:.1f} s) |")
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -2,6 +2,7 @@
 
     python bench/logprob_memory.py --model MODEL --chunk-size 0      # the fp32 log-softmax in one piece
     python bench/logprob_memory.py --model MODEL --chunk-size 256    # 256 positions at a time (the default)
+    python bench/logprob_memory.py --model MODEL --stage log-softmax # from the model's logits on: the part chunked
 
 Prints one JSON line: the peak of the step above what was resident before it, in MiB (on CUDA the
 allocator's peak; on CPU the process's peak resident memory, reset through /proc/self/clear_refs
@@ -30,6 +31,9 @@ class Args:
     """sequences in the micro-batch"""
     completion_length: int = 1024
     """tokens per completion (random token ids; the prompt is 64 tokens)"""
+    stage: str = "micro-batch"
+    """micro-batch: the model's forward and backward included; log-softmax: from the model's logits on (computed
+    first, outside the measurement), which isolates what --logprob-chunk-size changes"""
 
 
 def resident_mib() -> float:
@@ -53,6 +57,12 @@ def main() -> None:
         torch.randint(0, vocab, (args.completion_length,), generator=g).tolist() for _ in range(args.micro_batch_size)
     ]
     batch = grpo.collate(prompts, completions, 0, device)
+    if args.stage == "log-softmax":  # the model's logits, held as a leaf: only the log-softmax is measured
+        with torch.no_grad():
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            logits = model(**inputs, logits_to_keep=args.completion_length + 1).logits
+        logits.requires_grad_(True)
+        model = lambda **kwargs: type("Output", (), {"logits": logits})  # noqa: E731
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -70,6 +80,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "stage": args.stage,
                 "chunk_size": args.chunk_size,
                 "peak_over_before_mib": round(peak - before, 1),
                 "fp32_logits_of_the_micro_batch_mib": round(logits_mib, 1),
