@@ -204,6 +204,12 @@ class Args:
     """recompute activations in the backward pass (less memory, about 30% more time); auto: on with CUDA"""
     logprob_chunk_size: int = 256
     """positions whose fp32 log-softmax is computed at once (and recomputed in the backward); 0: all"""
+    padding_free: bool = True
+    """pack each micro-batch's sequences into rows without padding (position ids restart per sequence, attention
+    never crosses sequences); the same log-probs as padded rows; --no-padding-free pads"""
+    micro_batch_by_tokens: bool = True
+    """form the micro-batches of an optimizer step with balanced token counts instead of equal sequence counts
+    (the loss does not depend on the split); --no-micro-batch-by-tokens: consecutive sequences"""
     use_vllm: bool = True
     """generate with a vLLM engine colocated in each rank (else transformers generate)"""
     vllm_gpu_memory_utilization: float = 0.3
@@ -439,10 +445,29 @@ def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bo
     """
     ids = batch["completion_ids"]  # [B, T]
     T = ids.shape[1]
+    if "logit_index" in batch:  # packed rows (pack): only the positions that predict a completion token reach lm_head
+        index = batch["logit_index"]  # [N]
+        head = getattr(model, "module", model).get_output_embeddings()  # the DeepSpeed engine's model, or the model
+        keep = head.register_forward_pre_hook(lambda _, inputs: (inputs[0].flatten(0, 1)[index].unsqueeze(0),))
+        try:
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=0,
+                           use_cache=False).logits  # [1, N, V]: the N completion tokens, sequence by sequence
+        finally:
+            keep.remove()
+        mask = batch["completion_mask"].bool()  # [B, T]
+        flat = completion_logprobs_of(logits, ids[mask].unsqueeze(0), temperature, with_entropy, chunk_size)
+        return tuple(None if x is None else torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(
+            mask, x[0]) for x in flat)  # [B, T] each
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
         logits_to_keep=T + 1, use_cache=False,
     ).logits[:, :-1]  # [B, T, V] in the model's dtype
+    return completion_logprobs_of(logits, ids, temperature, with_entropy, chunk_size)
+
+
+def completion_logprobs_of(logits, ids, temperature: float, with_entropy: bool, chunk_size: int):
+    """Log-probs of `ids` [B, T] under the model's logits [B, T, V], fp32 log-softmax in chunks (6.3)."""
+    T = ids.shape[1]
     step = chunk_size if chunk_size > 0 else T
     recompute = torch.is_grad_enabled() and logits.requires_grad and step < T
     logps, entropies = [], []
@@ -482,11 +507,14 @@ class Rollout:
     old_logp: Optional[torch.Tensor] = None  # [n, T] ℓold, when the policy moves within the step; 0 on padding
     ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref, when β > 0; 0 on padding
     epsilon: Optional[torch.Tensor] = None  # [n] ε_q of each completion's prompt (3.8)
+    pack_rows: int = 0  # micro-batches as padding-free rows of at most this many tokens; 0: padded
 
     def micro_batch(self, ix: list, device) -> dict:
-        """Rows `ix` as model inputs (collate), with their rows of the [n, T] tensors cut to their longest
-        completion."""
-        batch = collate([self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix], self.pad_id, device)
+        """Rows `ix` as model inputs (collate, or pack into rows of at most pack_rows tokens), with their rows of the
+        [n, T] tensors cut to their longest completion."""
+        prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
+        batch = pack(prompts, completions, self.pad_id, self.pack_rows, device) if self.pack_rows else \
+            collate(prompts, completions, self.pad_id, device)
         width = batch["completion_ids"].shape[1]
         cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
         batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
@@ -614,6 +642,34 @@ def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict
     batch = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, completion_ids=comp,
                  completion_mask=comp_mask)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device) -> dict:
+    """A padding-free micro-batch: each sequence (prompt + completion) goes into the first row with room, rows of at
+    most row_len tokens ([R, L]). Position ids restart at each sequence, and with no attention mask transformers
+    builds a block-causal mask from them, so attention never crosses sequences. logit_index: the flat positions
+    of [R, L] whose logits predict the completion tokens, sequence by sequence; completion_ids and completion_mask
+    as collate's ([B, T])."""
+    rows, seq_pos, index = [], [], []
+    for p, c in zip(prompt_ids, completion_ids):
+        n = len(p) + len(c)
+        r = next((i for i, row in enumerate(rows) if len(row) + n <= row_len), len(rows))
+        if r == len(rows):
+            rows.append([])
+            seq_pos.append([])
+        index.append((r, len(rows[r]) + len(p) - 1, len(c)))  # the position before the first completion token
+        rows[r] += p + c
+        seq_pos[r] += list(range(n))
+    L = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), L), dtype=torch.long)
+    for r, (row, pos) in enumerate(zip(rows, seq_pos)):
+        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        position_ids[r] = torch.tensor(pos + list(range(L - len(row))))  # trailing padding: a block of its own
+    logit_index = torch.tensor([r * L + start + j for r, start, c in index for j in range(c)], dtype=torch.long)
+    batch = collate([[]] * len(completion_ids), completion_ids, pad_id, "cpu")  # completion ids and mask, [B, T]
+    batch.update(input_ids=input_ids, position_ids=position_ids, logit_index=logit_index, attention_mask=None)
+    return {k: v.to(device) if v is not None else None for k, v in batch.items()}
 
 
 def score(reward_funcs: list, names: list, examples: list, completions: list, completion_ids: list, G: int):
@@ -1002,7 +1058,7 @@ def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
     # holds, which fails once the trainer's models are loaded: there it holds the step's batch instead
     # (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides this)
     sequences = tp * args.prompts_per_step // dist.get_world_size() * args.num_generations
-    kv_bytes = None if on_gpu else max(kv_cache_bytes(args.model, sequences, max_len, 4), 2**28)
+    kv_bytes = None if on_gpu else max(2 * kv_cache_bytes(args.model, sequences, max_len, 4), 2**28)  # 2×: blocks
     llm = LLM(
         model=args.model, seed=args.seed + rank // tp, dtype=dtype,
         distributed_executor_backend="external_launcher", tensor_parallel_size=tp,
@@ -1117,8 +1173,9 @@ class Metrics:
         return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
-def update_plan(n: int, args: Args, shuffle_generator: torch.Generator) -> list:
-    """plan[pass][optimizer step][micro-batch] → completion indices of this rank's rollout.
+def update_plan(n: int, args: Args, shuffle_generator: torch.Generator, sizes: Optional[list] = None) -> list:
+    """plan[pass][optimizer step][micro-batch] → completion indices of this rank's rollout (sizes: each sequence's
+    tokens, for micro-batches of balanced token counts).
 
     Shuffled per pass when the policy moves within a step (μ > 1 or mini-batches > 1); the first
     pass's micro-batches are also those of the old log-probs (docs/algorithms.md (6.1)).
@@ -1129,8 +1186,23 @@ def update_plan(n: int, args: Args, shuffle_generator: torch.Generator) -> list:
     for _ in range(args.num_iterations):
         order = torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
         minis = [order[s : s + mini_size] for s in range(0, n, mini_size)]
-        plan.append([[mini[k : k + micro] for k in range(0, mini_size, micro)] for mini in minis])
+        if sizes is not None and args.micro_batch_by_tokens:
+            plan.append([balanced_split(mini, sizes, mini_size // micro) for mini in minis])
+        else:
+            plan.append([[mini[k : k + micro] for k in range(0, mini_size, micro)] for mini in minis])
     return plan
+
+
+def balanced_split(ix: list, sizes: list, parts: int) -> list:
+    """`ix` in `parts` groups of about equal total size (the longest first, each to the lightest group), so no
+    micro-batch of long sequences runs out of memory while short ones waste a pass. The loss's normalisers
+    count the whole optimizer step (1.4), so the split does not change the loss."""
+    groups, load = [[] for _ in range(parts)], [0] * parts
+    for i in sorted(ix, key=lambda i: -sizes[i]):
+        g = min(range(parts), key=lambda g: (load[g], len(groups[g])))
+        groups[g].append(i)
+        load[g] += sizes[i]
+    return [sorted(g) for g in groups]
 
 
 @torch.no_grad()
@@ -1213,6 +1285,9 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             for ix in micro_batches:
                 batch = rollout.micro_batch(ix, device)
                 mask = batch["loss_mask"]  # [b, t]
+                real = sum(len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) for i in ix)
+                metrics.add("update/padding_fraction", batch["input_ids"].numel() - real, batch["input_ids"].numel())
+                metrics.add_total("update/real_tokens", real)
                 logp, entropy = completion_logprobs(engine, batch, 1.0, with_entropy=it == 0,
                                                     chunk_size=args.logprob_chunk_size)
                 old = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
@@ -1270,6 +1345,10 @@ def main() -> None:
     device = torch.device(accel.device_name(local_rank) if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32  # CPU kernels train in fp32
     log = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    if not on_gpu and "libtcmalloc" not in os.environ.get("LD_PRELOAD", ""):
+        log("CPU: preloading tcmalloc and Intel OpenMP makes a step 30-40% faster (README, Setup): "
+            "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:$(python -c "
+            "'import sys; print(sys.prefix)')/lib/libiomp5.so")
     vllm_ok, vllm_error = vllm_is_importable() if args.use_vllm else (False, "")
     for note in resolve_engine_flags(args, on_gpu, vllm_ok):
         log(note + (f" ({vllm_error})" if "importable" in note else ""))
@@ -1398,9 +1477,11 @@ def main() -> None:
         # 3. log-probs of the batch under the old policy and the reference (no grad)
         t0 = time.perf_counter()
         rollout = Rollout(prompt_ids=[p for p in prompt_ids for _ in range(G)], completion_ids=completion_ids,
-                          advantages=advantages.float(), loss_mask=loss_mask, pad_id=tokenizer.pad_token_id)
+                          advantages=advantages.float(), loss_mask=loss_mask, pad_id=tokenizer.pad_token_id,
+                          pack_rows=args.max_prompt_length + args.max_completion_length if args.padding_free else 0)
         shuffle_generator = torch.Generator().manual_seed(request_seed(args.seed, step, rank, 7))
-        plan = update_plan(len(completion_ids), args, shuffle_generator)
+        sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, completion_ids)]
+        plan = update_plan(len(completion_ids), args, shuffle_generator, sizes)
         micro_batches = [ix for mini in plan[0] for ix in mini]
         entropy = rollout_logprobs(engine, ref_engine, rollout, micro_batches, args, device)  # [n, T]
         # ALGO LOGIC: each prompt's clip range from the policy's entropy, the probes and the drift (3.5), (3.8)

@@ -84,6 +84,9 @@ def add_data(tmp_path_factory) -> str:
     return write_jsonl(str(tmp_path_factory.mktemp("data") / "add.jsonl"), rows)
 
 
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
 def deepspeed_launcher(num_ranks: int = 2) -> list:
     """The deepspeed launcher, run by the interpreter that runs the tests: an unactivated venv has no
     `deepspeed` on PATH (and every rank it starts runs this interpreter too)."""
@@ -107,6 +110,8 @@ def run_script(
     that launched anything by its name on PATH would fail here as it fails for such a user.
     """
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if not os.path.exists(os.path.join(d, "deepspeed"))]
+    # the CPU allocator and OpenMP runtime of the README's setup, when this machine has them
+    preload = [p for p in (TCMALLOC, os.path.join(sys.prefix, "lib", "libiomp5.so")) if os.path.exists(p)]
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([*pythonpath, ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
@@ -114,6 +119,7 @@ def run_script(
         VLLM_CPU_KVCACHE_SPACE="1",
         TOKENIZERS_PARALLELISM="false",
         WANDB_MODE="offline",
+        LD_PRELOAD=":".join(preload),
         **(env or {}),
     )
     cmd = (launcher or [sys.executable]) + args
