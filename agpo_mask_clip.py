@@ -504,10 +504,13 @@ def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict
 
 def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device) -> dict:
     """A padding-free micro-batch: each sequence (prompt + completion) goes into the first row with room, rows of at
-    most row_len tokens ([R, L]). Position ids restart at each sequence, and with no attention mask transformers
-    builds a block-causal mask from them, so attention never crosses sequences. logit_index: the flat positions
-    of [R, L] whose logits predict the completion tokens, sequence by sequence; completion_ids and completion_mask
-    as collate's ([B, T])."""
+    most row_len tokens and no longer than the longest sequence ([R, L]). Position ids restart at each sequence, and
+    with no attention mask transformers builds a block-causal mask from them, so attention never crosses sequences.
+    logit_index: the flat positions of [R, L] whose logits predict the completion tokens, sequence by sequence;
+    completion_ids and completion_mask as collate's ([B, T])."""
+    # docs/algorithms.md (6.7): rows no wider than padded rows would be, so packing never computes more positions
+    # than padding, and a row's dense attention (CPU, sdpa: L² per row) never spans more than padding's does
+    row_len = min(row_len, max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
     rows, seq_pos, index = [], [], []
     for p, c in zip(prompt_ids, completion_ids):
         n = len(p) + len(c)
@@ -1269,9 +1272,10 @@ def main() -> None:
 
         # ALGO LOGIC: reward, advantages and the tokens in the loss (docs/algorithms.md (2.1)–(2.4))
         correct = values[0] > 0  # [n]: the first reward function decides correctness
-        values[0] = torch.where(values[0].isnan(), values[0], 2.0 * correct - 1.0)  # (2.1): ±1
+        signed = values.clone()  # [F, n]; `values` stays each function's own output for its metrics
+        signed[0] = torch.where(values[0].isnan(), values[0], 2.0 * correct - 1.0)  # (2.1): ±1
         bonus = agpo_length_bonus(correct, lengths, G, args.length_bonus)  # (2.2): before the advantage
-        total = (reward_weights.unsqueeze(1) * values).sum(0) + bonus  # [n], NaN if any function cannot score
+        total = (reward_weights.unsqueeze(1) * signed).sum(0) + bonus  # [n], NaN if any function cannot score
         advantages, keep = agpo_advantages(total, correct, G, args.zero_variance, args.scale_rewards)  # [n] each
         loss_mask = completion_mask(lengths) * keep.unsqueeze(1)  # [n, T]: (2.4) masked groups leave the loss
 

@@ -128,6 +128,8 @@ def test_one_process_every_group_masked_is_not_an_error(tiny_model, add_data, tm
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["agpo/masked_group_frac"] == 1.0 and m["agpo/kept_tokens"] == 0 for m in metrics)
     assert all(m["reward"] == -1.0 for m in metrics)
+    # the reward function's own metric is its own output (0 = wrong), not AGPO's ±1 (2.1)
+    assert all(m["rewards/correctness/mean"] == 0.0 for m in metrics)
     assert "grad_norm" not in metrics[0] and "policy_loss" not in metrics[0]
 
 
