@@ -547,10 +547,13 @@ def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict
 
 def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device) -> dict:
     """A padding-free micro-batch: each sequence (prompt + completion) goes into the first row with room, rows of at
-    most row_len tokens ([R, L]). Position ids restart at each sequence, and with no attention mask transformers
-    builds a block-causal mask from them, so attention never crosses sequences. logit_index: the flat positions
-    of [R, L] whose logits predict the completion tokens, sequence by sequence; completion_ids and completion_mask
-    as collate's ([B, T])."""
+    most row_len tokens and no longer than the longest sequence ([R, L]). Position ids restart at each sequence, and
+    with no attention mask transformers builds a block-causal mask from them, so attention never crosses sequences.
+    logit_index: the flat positions of [R, L] whose logits predict the completion tokens, sequence by sequence;
+    completion_ids and completion_mask as collate's ([B, T])."""
+    # docs/algorithms.md (6.7): rows no wider than padded rows would be, so packing never computes more positions
+    # than padding, and a row's dense attention (CPU, sdpa: L² per row) never spans more than padding's does
+    row_len = min(row_len, max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
     rows, seq_pos, index = [], [], []
     for p, c in zip(prompt_ids, completion_ids):
         n = len(p) + len(c)

@@ -344,6 +344,16 @@ def test_pack_layout(algo):
 
 
 @each
+def test_packed_rows_are_never_wider_than_the_longest_sequence(algo):
+    """Rows of the length bound would make every row's (dense, on CPU) attention span it: rows are no longer than the
+    longest sequence, so packing never computes more positions than padding."""
+    prompts, completions = [[1] * 3, [2] * 3, [3], [4]], [[5] * 2, [6] * 2, [7], [8]]  # sequences of 5, 5, 2, 2
+    batch = algo.pack(prompts, completions, 0, 100, "cpu")
+    assert list(batch["input_ids"].shape) == [3, 5]  # [5], [5], [2 + 2]
+    assert batch["input_ids"].numel() <= len(prompts) * (3 + 2)  # padded: 4 rows of the longest prompt + completion
+
+
+@each
 def test_micro_batches_balance_tokens(algo):
     sizes = [100, 10, 90, 20, 80, 30, 70, 40]
     groups = algo.balanced_split(list(range(8)), sizes, 2)
