@@ -103,10 +103,14 @@ def main() -> None:
         for panel in list(axes.flat)[len(present):]:
             panel.axis("off")
         handles, names = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4), frameon=False)
+        height = fig.get_figheight()  # inches: the title and the legend rows above the panels, in figure units
+        title_h = 0.45 / height if args.title else 0.0
+        legend_h = 0.3 * math.ceil(len(names) / 4) / height
         if args.title:
-            fig.suptitle(args.title, y=1.02)
-        fig.tight_layout(rect=(0, 0, 1, 0.94))
+            fig.suptitle(args.title, y=1 - 0.1 / height, va="top")
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1 - title_h), ncol=min(len(names), 4),
+                   frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - title_h - legend_h - 0.1 / height))
         path = os.path.join(args.out, f"by_{axis_name}.png")
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
