@@ -1,10 +1,13 @@
 """Step time of grpo.py with and without padding-free micro-batches, and with and without the CPU allocator and
-OpenMP runtime preloaded, on one config, one run after the other; and the update's time per real token
-against a plain forward + backward + AdamW of the same real tokens.
+OpenMP runtime preloaded, on one config, one run after the other; the update's time per real token against a
+plain forward + backward + AdamW of the same number of real tokens; and, with --trl-python, TRL's GRPOTrainer on
+the same config in the same environment (bench/bench_trl.py, run by the python of a venv that has TRL).
 
-    python bench/bench_speed.py --model $(../shared/tools/prepare_smollm2.sh) --out bench/results/speed_cpu
+    python bench/bench_speed.py --model $(../shared/tools/prepare_smollm2.sh) --out bench/results/speed_cpu \
+        --trl-python /path/to/trl_venv/bin/python
 
-Writes OUT.json and OUT.md. Figures are medians over steps 2..--steps (step 1 is warm-up).
+Writes OUT.json and OUT.md. Figures are medians over steps 2..--steps (step 1 is warm-up). Run it on a quiet
+machine: the runs go one after the other and any other load shows up in every figure.
 """
 
 import json
@@ -13,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import tyro
 
@@ -39,6 +42,11 @@ class Args:
     """tokens per completion at most"""
     micro_batch_size: int = 32
     """completions per micro-batch"""
+    variants: list[str] = field(default_factory=lambda: ["padded_plain", "packed_plain", "padded_preload",
+                                                          "packed_preload"])
+    """the grpo.py runs: {padded,packed}_{plain,preload}"""
+    trl_python: str | None = None
+    """python of a venv with TRL 1.16 (README, Benchmarks): also run TRL's GRPOTrainer on this config, preloaded"""
 
 
 def preload_env(on: bool) -> dict:
@@ -63,7 +71,8 @@ def run_grpo(args: Args, name: str, padding_free: bool, preload: bool) -> dict:
     run_dir = os.path.join(out, next(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][1:]  # step 1: warm-up
-    med = {k: statistics.median(r[k] for r in rows) for k in ("time/step", "time/generate", "time/update")}
+    med = {k: statistics.median(r[k] for r in rows)
+           for k in ("time/step", "time/generate", "time/update", "time/weight_sync")}
     med["padding_fraction"] = statistics.mean(r["update/padding_fraction"] for r in rows)
     med["real_tokens_per_step"] = statistics.mean(r["update/real_tokens"] for r in rows)
     med["update_s_per_1k_real_tokens"] = 1000 * med["time/update"] / med["real_tokens_per_step"]
@@ -71,9 +80,10 @@ def run_grpo(args: Args, name: str, padding_free: bool, preload: bool) -> dict:
     return med
 
 
-def plain_fwd_bwd(args: Args, preload: bool) -> dict:
-    """A plain model (no DeepSpeed) doing forward + backward + AdamW on one packed micro-batch of random tokens
-    shaped like a step's (prompts of 80-160 tokens, completions up to the limit), in a subprocess."""
+def plain_fwd_bwd(args: Args, preload: bool, real_tokens: int) -> dict:
+    """The yardstick of the update: a plain transformers model (no DeepSpeed, no log-prob code of ours) doing
+    forward + causal-LM loss + backward + AdamW on `real_tokens` random tokens in packed rows of sequences shaped
+    like a step's (prompts of 80-160 tokens, completions up to the limit), in a subprocess with the same threads."""
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {ROOT!r})
@@ -82,21 +92,21 @@ from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({args.model!r}, dtype=torch.float32)
 opt = torch.optim.AdamW(m.parameters(), lr=1e-7)
 g = torch.Generator().manual_seed(0)
-n = {args.prompts_per_step * args.num_generations}
-prompts = [torch.randint(100, 40000, (int(torch.randint(80, 161, (1,), generator=g)),), generator=g).tolist()
-           for _ in range(n)]  # GSM8K prompts in the chat template: 80-160 tokens
-comps = [torch.randint(100, 40000, (int(torch.randint(30, {args.max_completion_length} + 1, (1,), generator=g)),),
-                       generator=g).tolist() for _ in range(n)]
-batch = grpo.pack(prompts, comps, 0, 4096, "cpu")
+prompts, comps, total = [], [], 0
+while total < {real_tokens}:  # sequences until the step's real tokens are reached
+    p = torch.randint(100, 40000, (int(torch.randint(80, 161, (1,), generator=g)),), generator=g).tolist()
+    c = torch.randint(100, 40000, (int(torch.randint(30, {args.max_completion_length} + 1, (1,), generator=g)),),
+                      generator=g).tolist()
+    prompts.append(p); comps.append(c); total += len(p) + len(c)
+batch = grpo.pack(prompts, comps, 0, 512 + {args.max_completion_length}, "cpu")  # grpo.py's rows
 times = []
 for _ in range(4):
     t = time.perf_counter()
-    logp, ent = grpo.completion_logprobs(m, batch, 1.0, with_entropy=True)
-    logp.sum().backward()
+    out = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["input_ids"])
+    out.loss.backward()
     opt.step(); opt.zero_grad()
     times.append(time.perf_counter() - t)
-real = sum(len(p) + len(c) for p, c in zip(prompts, comps))
-print(json.dumps({{"seconds": sorted(times[1:])[1], "real_tokens": real}}))
+print(json.dumps({{"seconds": sorted(times[1:])[1], "real_tokens": total, "threads": torch.get_num_threads()}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=preload_env(preload))
     if proc.returncode:
@@ -106,27 +116,55 @@ print(json.dumps({{"seconds": sorted(times[1:])[1], "real_tokens": real}}))
     return r
 
 
+def run_trl(args: Args) -> dict:
+    """bench/bench_trl.py with --trl-python, on this config and in the preloaded environment grpo.py gets."""
+    out = os.path.join(args.out + ".runs", "trl_preload")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    cmd = [args.trl_python, os.path.join(ROOT, "bench", "bench_trl.py"), "--model", args.model,
+           "--dataset", args.dataset, "--out", out, "--steps", str(args.steps),
+           "--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations),
+           "--max-completion-length", str(args.max_completion_length)]
+    with open(out + ".log", "w") as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=preload_env(True)).returncode:
+            raise SystemExit(f"bench_trl.py failed; see {log.name}")
+    with open(out + ".json") as f:
+        m = json.load(f)["median"]
+    return {"time/step": m["step_s"], "time/generate": m["generate_s"], "time/update": m["update_s"],
+            "time/weight_sync": m["weight_sync_s"]}
+
+
 def main() -> None:
     args = tyro.cli(Args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result = {"settings": asdict(args), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}, "plain": {}}
-    for preload in (False, True):
-        for padding_free in (False, True):
-            name = f"{'packed' if padding_free else 'padded'}_{'preload' if preload else 'plain'}"
-            result["runs"][name] = run_grpo(args, name, padding_free, preload)
-        result["plain"]["preload" if preload else "plain"] = plain_fwd_bwd(args, preload)
+    for name in args.variants:
+        layout, env = name.split("_")
+        result["runs"][name] = run_grpo(args, name, layout == "packed", env == "preload")
+        if env not in result["plain"]:
+            real_tokens = int(result["runs"][name]["real_tokens_per_step"])
+            result["plain"][env] = plain_fwd_bwd(args, env == "preload", real_tokens)
+    if args.trl_python:
+        result["trl"] = run_trl(args)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
     lines = [f"Median of steps 2–{args.steps}, grpo.py with vLLM, {args.prompts_per_step} prompts × G "
              f"{args.num_generations}, ≤ {args.max_completion_length} tokens, β 0, dapo, μ 1, micro-batch "
-             f"{args.micro_batch_size}:", "",
-             "| run | s/step | generate (s) | update (s) | padding in the update | update s / 1k real tokens | "
-             "plain fwd+bwd+AdamW s / 1k real tokens |", "|---|---|---|---|---|---|---|"]
+             f"{args.micro_batch_size}, {result['date']}:", "",
+             "| run | s/step | generate (s) | weight sync (s) | update (s) | padding in the update | "
+             "update s / 1k real tokens | plain fwd+bwd+AdamW s / 1k real tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
-        plain = result["plain"]["preload" if name.endswith("preload") else "plain"]
-        lines.append(f"| {name} | {r['time/step']:.1f} | {r['time/generate']:.1f} | {r['time/update']:.1f} | "
-                     f"{100 * r['padding_fraction']:.0f}% | {r['update_s_per_1k_real_tokens']:.2f} | "
-                     f"{plain['s_per_1k_real_tokens']:.2f} |")
+        plain = result["plain"][name.split("_")[1]]
+        lines.append(f"| grpo.py {name} | {r['time/step']:.1f} | {r['time/generate']:.1f} | "
+                     f"{r['time/weight_sync']:.2f} | {r['time/update']:.1f} | {100 * r['padding_fraction']:.0f}% | "
+                     f"{r['update_s_per_1k_real_tokens']:.2f} | {plain['s_per_1k_real_tokens']:.2f} |")
+    if "trl" in result:
+        t = result["trl"]
+        lines.append(f"| TRL 1.16 GRPOTrainer, preload | {t['time/step']:.1f} | {t['time/generate']:.1f} | "
+                     f"{t['time/weight_sync']:.2f} | {t['time/update']:.1f} | - | - | - |")
+        if "packed_preload" in result["runs"]:
+            ratio = result["runs"]["packed_preload"]["time/step"] / t["time/step"]
+            lines += ["", f"grpo.py packed_preload / TRL: {ratio:.2f}× the step time (target ≤ 0.6×)."]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
