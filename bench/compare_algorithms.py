@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from plot import DEFAULT_METRICS  # noqa: E402
 SCRIPTS = ["grpo.py", "agpo_mask_clip.py", "agpo_adaptive.py", "a_grpo.py"]  # adding a script is one line
 PHRASINGS = ["What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}. What do you get?"]
 
@@ -38,7 +40,7 @@ class Args:
     """the algorithm scripts to compare"""
     seeds: list[int] = field(default_factory=lambda: [1, 2])
     """one training run per script and seed"""
-    max_generated_tokens: int = 24000
+    max_generated_tokens: int = 16000
     """the budget of every run: training stops once this many tokens have been generated"""
     prompts_per_step: int = 4
     """prompts per step (every script)"""
@@ -46,7 +48,7 @@ class Args:
     """G (every script)"""
     max_completion_length: int = 64
     """tokens per completion, in training and evaluation"""
-    learning_rate: float = 1e-5
+    learning_rate: float = 2e-5
     """constant learning rate without warm-up (every script)"""
     micro_batch_size: int = 16
     """completions per forward/backward pass"""
@@ -99,7 +101,8 @@ def train(args: Args, script: str, seed: int, train_path: str, runs_dir: str) ->
            "--learning-rate", str(args.learning_rate), "--lr-schedule", "constant", "--warmup-ratio", "0",
            "--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations),
            "--micro-batch-size", str(args.micro_batch_size), "--max-completion-length", str(args.max_completion_length),
-           "--max-prompt-length", "128", "--total-steps", "1000", "--max-generated-tokens", str(args.max_generated_tokens),
+           "--max-prompt-length", "128", "--total-steps", "1000",
+           "--max-generated-tokens", str(args.max_generated_tokens),
            "--save-steps", "0", "--log-completions", "0"]
     os.makedirs(out, exist_ok=True)
     seconds = run(cmd, os.path.join(out, "train.log"))
@@ -128,6 +131,14 @@ def evaluate(args: Args, model: str, name: str, test_path: str, eval_dir: str) -
         return next(iter(json.load(f)["results"].values()))["test.jsonl"]
 
 
+def train_accuracy(run_dir: str, reward: str) -> tuple:
+    """The reward function's own mean (the fraction correct) at the first step and over the last three: comparable
+    across scripts, where `reward` is not (AGPO maps correctness to ±1 and adds a length bonus)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        values = [json.loads(line)[f"rewards/{reward}/mean"] for line in f]
+    return values[0], statistics.mean(values[-3:])
+
+
 def spread(values: list) -> str:
     """mean ± half the range over seeds, in %, or the one value."""
     values = [100 * v for v in values]
@@ -154,21 +165,22 @@ def main() -> None:
             trained.append(r)
     wall = time.perf_counter() - t0
     protocol = (f"SmolLM2-135M-Instruct; single-digit addition, {100 - args.held_out_pairs} operand pairs × "
-                f"{len(PHRASINGS)} phrasings for training, {args.held_out_pairs} held-out pairs × {len(PHRASINGS)} for "
-                f"evaluation; chat template; reward {args.reward}; {args.prompts_per_step} prompts × G "
+                f"{len(PHRASINGS)} phrasings for training, {args.held_out_pairs} held-out pairs × {len(PHRASINGS)} "
+                f"for evaluation; chat template; reward {args.reward}; {args.prompts_per_step} prompts × G "
                 f"{args.num_generations} per step, ≤ {args.max_completion_length} tokens, lr {args.learning_rate} "
                 f"constant, budget {args.max_generated_tokens} generated tokens per run (probes and refills count); "
                 f"seeds {args.seeds}; evaluation: n {n}, temperature {args.eval_temperature}, last-number answer")
-    lines = [f"Protocol: {protocol}. Wall time {wall / 60:.0f} min on this machine.", "",
-             f"| model | seeds | steps | avg@{n} (%) | pass@{k} (%) | tokens / completion | train reward first → last |"
-             " train min / run |", "|---|---|---|---|---|---|---|---|",
+    when = "runs and evaluations reused from an earlier invocation" if args.reuse else f"wall time {wall / 60:.0f} min"
+    lines = [f"Protocol: {protocol}. {when}.", "",
+             f"| model | seeds | steps | avg@{n} (%) | pass@{k} (%) | tokens / completion | "
+             "train accuracy (%), step 1 → last 3 | train min / run |", "|---|---|---|---|---|---|---|---|",
              f"| base model | - | - | {100 * base[f'avg@{n}']:.1f} | {100 * base[f'pass@{k}']:.1f} | "
              f"{base['tokens_mean']:.0f} | - | - |"]
     for script, rs in rows.items():
         steps = "/".join(str(r["steps"]) for r in rs)
         tokens = statistics.mean(r["eval"]["tokens_mean"] for r in rs)
-        reward = (f"{statistics.mean(r['train_reward_first'] for r in rs):.2f} → "
-                  f"{statistics.mean(r['train_reward_last'] for r in rs):.2f}")
+        first, last = zip(*(train_accuracy(r["run_dir"], args.reward) for r in rs))
+        reward = f"{100 * statistics.mean(first):.0f} → {100 * statistics.mean(last):.0f}"
         lines.append(f"| {script} | {len(rs)} | {steps} | {spread([r['eval'][f'avg@{n}'] for r in rs])} | "
                      f"{spread([r['eval'][f'pass@{k}'] for r in rs])} | {tokens:.0f} | {reward} | "
                      f"{statistics.mean(r['seconds'] for r in rs) / 60:.1f} |")
@@ -181,7 +193,8 @@ def main() -> None:
                    "runs": trained}, f, indent=2)
     subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), *[r["run_dir"] for r in trained],
                     "--labels", *[f"{r['script'][:-3]} s{r['seed']}" for r in trained],
-                    "--out", os.path.join(work, "figures"), "--title", "equal generated-token budget"], check=True)
+                    "--out", os.path.join(work, "figures"), "--title", "equal generated-token budget",
+                    "--metrics", f"rewards/{args.reward}/mean", *DEFAULT_METRICS], check=True)
 
 
 if __name__ == "__main__":
