@@ -1210,6 +1210,8 @@ def main() -> None:
     grad_accum = local_completions // args.num_mini_batches // args.micro_batch_size
     total_updates = args.total_steps * args.num_iterations * args.num_mini_batches
     engine, ref_engine = setup_models(args, deepspeed_config(args, on_gpu, grad_accum), dtype, total_updates)
+    # vLLM's engine reseeds Python's, NumPy's and torch's RNGs when it starts: start it before they are restored
+    llm, tp_group = setup_vllm(args, rank, dtype, on_gpu) if args.use_vllm else (None, None)
     if resume_dir:
         engine.load_checkpoint(os.path.join(resume_dir, "deepspeed"), tag="state")
         rank_state = torch.load(os.path.join(resume_dir, f"rank_state_{rank}.pt"), weights_only=False)
@@ -1219,7 +1221,6 @@ def main() -> None:
         torch.set_rng_state(rng["torch"])
         pool = rank_state["refill_pool"]
         log(f"resumed from {resume_dir} at step {state['step']}")
-    llm, tp_group = setup_vllm(args, rank, dtype, on_gpu) if args.use_vllm else (None, None)
     if llm is not None and resume_dir:  # vLLM loaded the initial weights from disk
         sync_weights_to_vllm(engine.module, llm, args.sync_bucket_mb * 2**20)
     if llm is None:

@@ -136,7 +136,8 @@ def _files(root: str, name: str):
 @needs_vllm
 def test_one_process_vllm_and_resume(tiny_untied_model, add_data, tmp_path):
     """--resume from the step-1 checkpoint reproduces step 2 of the uninterrupted run; the model has its
-    own lm_head (as Qwen2.5-7B), and after every sync vLLM's log-probs equal the trainer's."""
+    own lm_head (as Qwen2.5-7B), and after every sync vLLM's log-probs equal the trainer's. A reward drawn from
+    Python's RNG reproduces too: its state is restored after vLLM's engine (which reseeds it) has started."""
     out = str(tmp_path / "runs")
     common = [
         SCRIPT,
@@ -145,7 +146,12 @@ def test_one_process_vllm_and_resume(tiny_untied_model, add_data, tmp_path):
         "--dataset",
         add_data,
         *TINY,
-        *TOY,
+        *TOY[:3],
+        "toy_rewards:python_random",
+        "--reward-weights",
+        "1.0",
+        "1.0",
+        "0.5",
         "--learning-rate",
         "1e-2",
         "--sync-check-steps",

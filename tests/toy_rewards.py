@@ -1,5 +1,7 @@
 """Rewards for the tests' synthetic tasks, in TRL's signature (passed as --reward-funcs module:function)."""
 
+import random
+
 
 def letter_a(prompts, completions, **kwargs):
     """Fraction of a completion's characters that are the letter 'a' (a random tiny model gets some)."""
@@ -10,3 +12,9 @@ def has_a_pm1(prompts, completions, **kwargs):
     """+1 if the completion contains the letter 'a', else −1: a ±1 "correctness" that a random tiny
     model gets right about half the time, so its groups are mixed."""
     return [1.0 if "a" in text else -1.0 for text in completions]
+
+
+def python_random(prompts, completions, **kwargs):
+    """Noise drawn from Python's global RNG: it reproduces across --resume only if that RNG's state does."""
+    return [random.random() for _ in completions]
+
