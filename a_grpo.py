@@ -984,6 +984,16 @@ def kv_cache_bytes(model: str, sequences: int, length: int, dtype_bytes: int) ->
     return 2 * config.num_hidden_layers * heads * head_dim * dtype_bytes * sequences * length
 
 
+def peak_gpu_memory_gib(on_gpu: bool) -> float:
+    """GPU memory held by tensors at most since the previous call, in GiB, and restart the count (0 on CPU).
+    Called between the phases of a step, it gives each phase's own peak (what it held and added)."""
+    if not on_gpu:
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def init_distributed() -> None:
     """One process (`python grpo.py`) is a world of one; `deepspeed` sets these for every rank."""
     if "RANK" not in os.environ:
@@ -1295,6 +1305,7 @@ def main() -> None:
         t_step = time.perf_counter()
         step_metrics = Metrics()
         add = step_metrics.add
+        peak_gpu_memory_gib(on_gpu)  # each phase's peak GPU memory is counted from here
 
         # 1. generation and 2. rewards (docs/algorithms.md §5): this rank's share of the step's prompts, G
         # completions each, with one row of rewards per reward function (NaN where it cannot score)
@@ -1308,6 +1319,7 @@ def main() -> None:
         step_metrics.add_total("tokens/generated_step", sum(len(c) for c, _ in generated))
         if args.vllm_sleep == "on":
             llm.sleep(level=2)  # weights are re-sent after the update anyway
+        memory = {"generate": peak_gpu_memory_gib(on_gpu)}  # GiB: the peak of each phase of the step
         prompt_ids = [e["prompt_ids"] for e in batch_examples]
         completion_ids = [c for c, _ in generated]
         truncated = [t for _, t in generated]
@@ -1341,6 +1353,7 @@ def main() -> None:
         plan = update_plan(len(completion_ids), args, shuffle_generator, sizes)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)
         time_logprobs = time.perf_counter() - t0
+        memory["logprobs"] = peak_gpu_memory_gib(on_gpu)
 
         # 4. update: μ passes, each split into mini-batches; one optimizer step per mini-batch
         t0 = time.perf_counter()
@@ -1350,6 +1363,7 @@ def main() -> None:
                 add(f"agrpo/{name}", state["control"][key], 1.0)  # the same on every rank
         lr = engine.get_lr()[0]
         time_update = time.perf_counter() - t0
+        memory["update"] = peak_gpu_memory_gib(on_gpu)
 
         # 5. weight sync: the new policy reaches vLLM before the next generation
         t0 = time.perf_counter()
@@ -1362,6 +1376,7 @@ def main() -> None:
             if args.vllm_sleep == "on":
                 llm.wake_up(tags=["kv_cache"])
         time_weight_sync = time.perf_counter() - t0
+        memory["weight_sync"] = peak_gpu_memory_gib(on_gpu)
         if llm is not None and args.sync_check_steps and (step + 1) % args.sync_check_steps == 0:
             diff = sync_logprob_diff(engine, llm, prompt_ids[0], completion_ids[0], tokenizer.pad_token_id, device,
                                      tp_group)
@@ -1373,6 +1388,10 @@ def main() -> None:
                             ("time/step", time.perf_counter() - t_step)):
             add(name, value, 1.0)  # mean over ranks
         metrics = step_metrics.reduce(device)
+        if on_gpu:  # the largest rank's peak of each phase: the rank that runs out of memory first
+            peaks = torch.tensor(list(memory.values()), device=device)
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            metrics.update({f"memory/{k}_peak_gib": v for k, v in zip(memory, peaks.tolist())})
         step_tokens = metrics.pop("tokens/generated_step")
         state["tokens_generated"] += int(round(step_tokens))
         metrics.update(step=step + 1, lr=lr, **{"tokens/generated_total": state["tokens_generated"]})

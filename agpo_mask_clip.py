@@ -934,6 +934,16 @@ def kv_cache_bytes(model: str, sequences: int, length: int, dtype_bytes: int) ->
     return 2 * config.num_hidden_layers * heads * head_dim * dtype_bytes * sequences * length
 
 
+def peak_gpu_memory_gib(on_gpu: bool) -> float:
+    """GPU memory held by tensors at most since the previous call, in GiB, and restart the count (0 on CPU).
+    Called between the phases of a step, it gives each phase's own peak (what it held and added)."""
+    if not on_gpu:
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def init_distributed() -> None:
     """One process (`python grpo.py`) is a world of one; `deepspeed` sets these for every rank."""
     if "RANK" not in os.environ:
@@ -1233,6 +1243,7 @@ def main() -> None:
         t_step = time.perf_counter()
         step_metrics = Metrics()
         add = step_metrics.add
+        peak_gpu_memory_gib(on_gpu)  # each phase's peak GPU memory is counted from here
 
         # 1. generation and 2. rewards (docs/algorithms.md §5): this rank's share of the step's prompts, G
         # completions each, with one row of rewards per reward function (NaN where it cannot score). With
@@ -1266,6 +1277,7 @@ def main() -> None:
             values = torch.cat([g["values"] for g in groups], dim=1)  # [F, n]
         if args.vllm_sleep == "on":
             llm.sleep(level=2)  # weights are re-sent after the update anyway
+        memory = {"generate": peak_gpu_memory_gib(on_gpu)}  # GiB: the peak of each phase of the step
         prompt_ids = [e["prompt_ids"] for e in batch_examples]
         completion_ids = [c for c, _ in generated]
         truncated = [t for _, t in generated]
@@ -1310,12 +1322,14 @@ def main() -> None:
         plan = update_plan(len(completion_ids), args, shuffle_generator, sizes)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)
         time_logprobs = time.perf_counter() - t0
+        memory["logprobs"] = peak_gpu_memory_gib(on_gpu)
 
         # 4. update: μ passes, each split into mini-batches; one optimizer step per mini-batch
         t0 = time.perf_counter()
         update_policy(engine, rollout, plan, args, step_metrics, device)
         lr = engine.get_lr()[0]
         time_update = time.perf_counter() - t0
+        memory["update"] = peak_gpu_memory_gib(on_gpu)
 
         # 5. weight sync: the new policy reaches vLLM before the next generation
         t0 = time.perf_counter()
@@ -1328,6 +1342,7 @@ def main() -> None:
             if args.vllm_sleep == "on":
                 llm.wake_up(tags=["kv_cache"])
         time_weight_sync = time.perf_counter() - t0
+        memory["weight_sync"] = peak_gpu_memory_gib(on_gpu)
         if llm is not None and args.sync_check_steps and (step + 1) % args.sync_check_steps == 0:
             diff = sync_logprob_diff(engine, llm, prompt_ids[0], completion_ids[0], tokenizer.pad_token_id, device,
                                      tp_group)
@@ -1339,6 +1354,10 @@ def main() -> None:
                             ("time/step", time.perf_counter() - t_step)):
             add(name, value, 1.0)  # mean over ranks
         metrics = step_metrics.reduce(device)
+        if on_gpu:  # the largest rank's peak of each phase: the rank that runs out of memory first
+            peaks = torch.tensor(list(memory.values()), device=device)
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            metrics.update({f"memory/{k}_peak_gib": v for k, v in zip(memory, peaks.tolist())})
         step_tokens = metrics.pop("tokens/generated_step")
         state["tokens_generated"] += int(round(step_tokens))
         metrics.update(step=step + 1, lr=lr, **{"tokens/generated_total": state["tokens_generated"]})
