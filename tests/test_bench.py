@@ -37,3 +37,34 @@ def test_held_out_pairs_never_in_training(tmp_path):
 def test_spread_is_mean_and_half_range_in_percent():
     assert compare_algorithms.spread([0.5]) == "50.0"
     assert compare_algorithms.spread([0.8, 0.9]) == "85.0 ± 5.0"
+
+
+def test_gpu_weight_change_counts_the_tensors_that_moved(tmp_path):
+    import bench_gpu
+    import torch
+    from safetensors.torch import save_file
+
+    a = {"w": torch.ones(3, 2), "norm": torch.ones(4)}
+    b = {"w": a["w"] + torch.tensor([[0.0, 0.0], [0.0, -0.25], [0.0, 0.0]]), "norm": a["norm"].clone()}
+    for name, tensors in (("a", a), ("b", b)):
+        os.makedirs(tmp_path / name)
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    assert bench_gpu.weight_change(str(tmp_path / "a"), str(tmp_path / "b")) == \
+        {"tensors": 2, "tensors_moved": 1, "max_abs_change": 0.25}
+
+
+def test_gpu_report_has_a_row_per_run_with_its_memory(tmp_path):
+    import bench_gpu
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench", "results", "gpu_h200.json")) as f:
+        result = json.load(f)
+    out = str(tmp_path / "gpu")
+    bench_gpu.write(bench_gpu.Args(smollm2="x", dataset="y", out=out), result)
+    with open(out + ".md") as f:
+        rows = [line.split("|")[1:-1] for line in f if line.startswith("| ") and ".py |" in line]
+    assert len(rows) == len(result["checks"]) == 16
+    for row, r in zip(rows, result["checks"]):
+        assert [c.strip() for c in row[:3]] == [r["script"], r["launcher"], r["model"]]
+        peaks = [float(x) for x in row[9].split("/")]  # generate / logprobs / update / sync, GiB
+        assert len(peaks) == 4 and peaks[2] == round(r["memory_gib"]["update_peak_gib"], 2)

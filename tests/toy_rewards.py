@@ -18,3 +18,7 @@ def python_random(prompts, completions, **kwargs):
     """Noise drawn from Python's global RNG: it reproduces across --resume only if that RNG's state does."""
     return [random.random() for _ in completions]
 
+
+def parity_pm1(prompts, completions, **kwargs):
+    """+1 if the completion has an even number of characters, else −1: mixed groups for any model and vocabulary."""
+    return [1.0 if len(text) % 2 == 0 else -1.0 for text in completions]
