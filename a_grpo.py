@@ -1002,6 +1002,15 @@ def init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
+    if get_accelerator().device_name() == "cpu":
+        # DeepSpeed's CPU all-reduce maps one ~70 MB shared-memory file per rank and never unlinks it: every run
+        # would leave that much RAM taken in /dev/shm. Once every rank has mapped its peers' (during
+        # init_distributed), the names can go; the mappings stay.
+        dist.barrier()
+        env = os.environ
+        shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
+        if os.path.exists(shm):
+            os.remove(shm)
 
 
 def load_tokenizer(args: Args):

@@ -1,6 +1,7 @@
 """grpo.py end to end: one process (transformers and vLLM), two ranks under the deepspeed launcher
 with ZeRO-3 and colocated vLLM, --resume, and the errors on bad input."""
 
+import glob
 import json
 import os
 import shutil
@@ -205,12 +206,24 @@ def two_rank_run(tiny_model, add_data, tmp_path_factory):
     """Two ranks, ZeRO-3, reference model (β > 0), a vLLM engine in each rank, weight sync in per-layer buckets."""
     cwd = tmp_path_factory.mktemp("two_ranks")
     out = str(cwd / "runs")
+    launcher = deepspeed_launcher(2)
     run_script(
         [SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *TWO_RANKS],
         cwd=str(cwd),
-        launcher=deepspeed_launcher(2),
+        launcher=launcher,
     )
+    LEFT_IN_SHM.extend(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{launcher[-1]}_*"))  # this run's port
     return out
+
+
+LEFT_IN_SHM = []
+
+
+@needs_vllm
+def test_two_ranks_leave_nothing_in_shared_memory(two_rank_run):
+    """DeepSpeed's CPU all-reduce never unlinks its per-rank buffer in /dev/shm (~70 MB of RAM each, for good);
+    the scripts remove it once every rank has mapped it."""
+    assert LEFT_IN_SHM == []
 
 
 @needs_vllm
