@@ -16,6 +16,13 @@ tokens in the same micro-batches (no DeepSpeed, no log-prob code of ours).
 architecture, not what the weights know). The 0.5B-shaped model is always random, with SmolLM2's tokenizer.
 Generation uses transformers (--no-use-vllm) unless vLLM is importable. The runs share the GPU a few at a time
 (--parallel); the throughput runs go alone, one after the other.
+
+On a GPU machine without network that has torch and transformers but not the rest, the measured run brought
+these as wheels (pip install --no-deps --target DIR, then PYTHONPATH=DIR): transformers, tokenizers, datasets,
+dill, multiprocess, fsspec, pydantic, pydantic-core, annotated-types, typing-inspection, hjson, tyro,
+docstring-parser, typeguard, typing-extensions, math-verify, latex2sympy2-extended, antlr4-python3-runtime (the
+versions of requirements.txt), and a DeepSpeed wheel built from its sdist on any machine with
+`DS_ACCELERATOR=cuda DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`.
 """
 
 import json
