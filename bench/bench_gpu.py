@@ -10,7 +10,8 @@ checkpoint that differ from the initial ones; each phase's peak GPU memory (the 
 named in --resume-check also restart from their step-1 checkpoint with --resume, and the resumed step 2 is compared
 with the uninterrupted one. The throughput is the update's real (non-padding) tokens per second, from the scripts'
 own `time/update` and `update/real_tokens`, beside a plain transformers forward + backward + AdamW of the same real
-tokens in the same micro-batches (no DeepSpeed, no log-prob code of ours).
+tokens in the same micro-batches (no DeepSpeed, no log-prob code of ours), and bench/zero3_overhead.py's fixed cost
+per micro-batch of DeepSpeed on this device.
 
 --smollm2 may hold only config.json and the tokenizer: the weights are then random (the checks exercise the
 architecture, not what the weights know). The 0.5B-shaped model is always random, with SmolLM2's tokenizer.
@@ -74,8 +75,11 @@ class Args:
     """check runs sharing the GPU at a time"""
     parallel_large: int = 2
     """of which runs of the 0.5B-shaped model at most (each final checkpoint with its optimizer state is ~8 GB)"""
-    throughput: list[str] = field(default_factory=lambda: ["packed", "padded"])
-    """grpo.py update throughput runs on the 0.5B-shaped model (--padding-free on / off); empty: none"""
+    throughput: list[str] = field(default_factory=lambda: ["packed", "packed_zero2", "padded"])
+    """grpo.py update throughput runs on the 0.5B-shaped model: packed or padded (--padding-free on / off), with
+    `_zeroN` for --zero-stage N (default 3); the plain yardstick runs right after the first packed one"""
+    overhead: bool = True
+    """also run bench/zero3_overhead.py (DeepSpeed's fixed cost per micro-batch) on this device"""
     throughput_model: str = "qwen0.5b"
     """the model of the throughput runs (one of --models)"""
     throughput_steps: int = 4
@@ -292,7 +296,9 @@ def throughput(args: Args, path: str, variant: str, port: int) -> dict:
              "--max-completion-length", str(args.throughput_completion_length),
              "--micro-batch-size", str(args.throughput_micro_batch), "--learning-rate", "1e-6",
              "--log-completions", "0", "--reward-funcs", "toy_rewards:letter_a",
-             "--padding-free" if variant == "packed" else "--no-padding-free"]
+             "--padding-free" if variant.startswith("packed") else "--no-padding-free"]
+    if "_zero" in variant:
+        flags += ["--zero-stage", variant.split("_zero")[1]]
     if not vllm_ok():
         flags.append("--no-use-vllm")
     r = run(command("grpo.py", "deepspeed", port, flags), out, args.timeout)
@@ -363,6 +369,10 @@ def write(args: Args, result: dict) -> None:
         for name, r in result.get("plain", {}).items():
             lines.append(f"| {name} | | | | | {r.get('seconds', float('nan')):.2f} | {r.get('real_tokens', 0)} | | "
                          f"{r.get('tokens_per_s', 'failed')} | |")
+    overhead = result.get("zero3_overhead", {}).get("seconds_per_micro_batch")
+    if overhead:
+        lines += ["", "DeepSpeed's fixed cost per micro-batch (`bench/zero3_overhead.py`, 24 layers × 64 wide, seconds): "
+                  + ", ".join(f"{k} {v}" for k, v in overhead.items())]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -400,14 +410,20 @@ def main() -> None:
         r = result["throughput"][variant] = throughput(args, paths[args.throughput_model], variant, 29590)
         print(f"throughput {variant}: {r}", flush=True)
         write(args, result)
-    if result["throughput"].get("packed", {}).get("update_real_tokens") and not late():
-        r = result["throughput"]["packed"]
-        micro = args.throughput_prompts * args.throughput_generations // args.throughput_micro_batch
-        for ckpt in (True, False):
-            name = f"plain transformers{' + checkpointing' if ckpt else ''}"
-            result["plain"][name] = plain_update(paths[args.throughput_model], int(r["update_real_tokens"]),
-                                                 args.throughput_completion_length, micro, ckpt)
-            print(f"{name}: {result['plain'][name]}", flush=True)
+        if variant == "packed" and r.get("update_real_tokens") and not result["plain"]:
+            micro = args.throughput_prompts * args.throughput_generations // args.throughput_micro_batch
+            for ckpt in (True, False):
+                name = f"plain transformers{' + checkpointing' if ckpt else ''}"
+                result["plain"][name] = plain_update(paths[args.throughput_model], int(r["update_real_tokens"]),
+                                                     args.throughput_completion_length, micro, ckpt)
+                print(f"{name}: {result['plain'][name]}", flush=True)
+                write(args, result)
+        if args.overhead and "zero3_overhead" not in result and not late():
+            path = args.out + "_zero3_overhead.json"
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "zero3_overhead.py"), path],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+            result["zero3_overhead"] = json.load(open(path)) if proc.returncode == 0 else {"error": proc.stderr[-3000:]}
+            print(f"zero3_overhead: {result['zero3_overhead']}", flush=True)
             write(args, result)
     write(args, result)
     print(open(args.out + ".md").read())

@@ -4,7 +4,7 @@ checkpointing: 4 micro-batches of 16 packed sequences (100 + 20 tokens) and one 
 (median of 3 after a warm-up). It is the host-side part of the GPU update's gap to plain transformers
 (README, The CUDA path on one GPU).
 
-    python bench/zero3_overhead.py     # one process; writes bench/results/zero3_overhead_<cpu|cuda>.json
+    python bench/zero3_overhead.py [OUT.json]   # one process; default bench/results/zero3_overhead_<cpu|cuda>.json
 """
 
 import json
@@ -76,7 +76,7 @@ def main() -> None:
             name = ("plain" if stage is None else f"zero{stage}") + (" + checkpointing" if checkpointing else "")
             result[name] = round(per_micro_batch(stage, checkpointing, batch), 4)
             print(name, result[name], flush=True)
-    out = os.path.join(ROOT, "bench", "results", f"zero3_overhead_{device}.json")
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "bench", "results", f"zero3_overhead_{device}.json")
     with open(out, "w") as f:
         json.dump({"seconds_per_micro_batch": result, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "deepspeed": deepspeed.__version__}, f, indent=1)
