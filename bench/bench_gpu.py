@@ -26,6 +26,7 @@ versions of requirements.txt), and a DeepSpeed wheel built from its sdist on any
 `DS_ACCELERATOR=cuda DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`.
 """
 
+import functools
 import json
 import math
 import os
@@ -317,14 +318,9 @@ def throughput(args: Args, path: str, variant: str, port: int) -> dict:
     return r
 
 
-_VLLM = None
-
-
+@functools.cache
 def vllm_ok() -> bool:
-    global _VLLM
-    if _VLLM is None:
-        _VLLM = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0
-    return _VLLM
+    return subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0
 
 
 def write(args: Args, result: dict) -> None:
@@ -342,9 +338,12 @@ def write(args: Args, result: dict) -> None:
     for r in result["checks"]:
         w = r.get("weights", {})
         res = r.get("resume")
-        res_s = "-" if res is None else (f"rc {res['rc']}, steps {res['steps']}, "
-                                         f"{res.get('max_rel_diff', float('nan')):.2g}" if res.get("max_rel_diff") is not None
-                                         else f"rc {res['rc']}")
+        if res is None:
+            res_s = "-"
+        elif res.get("max_rel_diff") is None:
+            res_s = f"rc {res['rc']}"
+        else:
+            res_s = f"rc {res['rc']}, steps {res['steps']}, {res['max_rel_diff']:.2g}"
         mem = r["memory_gib"]
         mem_s = " / ".join(f"{mem[k + '_peak_gib']:.2f}" for k in ("generate", "logprobs", "update", "weight_sync")
                            if k + "_peak_gib" in mem)
@@ -422,7 +421,11 @@ def main() -> None:
             path = args.out + "_zero3_overhead.json"
             proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "zero3_overhead.py"), path],
                                   capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
-            result["zero3_overhead"] = json.load(open(path)) if proc.returncode == 0 else {"error": proc.stderr[-3000:]}
+            if proc.returncode == 0:
+                with open(path) as f:
+                    result["zero3_overhead"] = json.load(f)
+            else:
+                result["zero3_overhead"] = {"error": proc.stderr[-3000:]}
             print(f"zero3_overhead: {result['zero3_overhead']}", flush=True)
             write(args, result)
     write(args, result)
