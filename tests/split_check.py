@@ -2,12 +2,13 @@
 so that a test can compare ways of splitting the same step across ranks and micro-batches.
 
     python tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE
-    python -m deepspeed.launcher.runner --num_gpus 2 tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE
+    python -m deepspeed.launcher.runner --num_gpus 2 tests/split_check.py grpo MODEL OUT.pt MICRO_BATCH_SIZE [leaf]
 
 The 8 completions (2 groups of 4, lengths 1..8, the second group out of the loss) are the same in
 every launch; rank r trains on its contiguous share. SGD with lr 1 and no clipping makes the weight change equal to the
 gradient, so any error in how the loss is normalised across micro-batches or ranks shows
-(Adam would hide a constant factor).
+(Adam would hide a constant factor). With `leaf`, the engine is built as the scripts build it on a GPU: decoder
+layers as ZeRO-3 leaf modules, gradient checkpointing, DeepSpeed's memory-efficient Linear off.
 """
 
 import importlib
@@ -40,6 +41,7 @@ def fixed_rollout(algo, pad_id: int):
 def main() -> None:
     positional = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     module_name, model_dir, out, micro = positional[0], positional[1], positional[2], int(positional[3])
+    leaf = positional[4:] == ["leaf"]
     algo = importlib.import_module(module_name)
     algo.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -61,11 +63,15 @@ def main() -> None:
         rollout = make_rollout(algo, **{k: v[mine] for k, v in full.items()})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if leaf:
+            assert algo.zero3_leaf_layers(model), "no decoder layer class found"
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # transformers checkpoints only in training mode
         config = {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": share // micro,
             "gradient_clipping": 0.0,
-            "zero_optimization": {"stage": 3},
+            "zero_optimization": {"stage": 3, "memory_efficient_linear": not leaf},
             "zero_allow_untested_optimizer": True,
         }
         engine, *_ = deepspeed.initialize(

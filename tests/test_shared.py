@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import ALGORITHMS, ROOT, build_tiny_model, make_args, make_rollout, update_policy
+from conftest import ALGORITHMS, ROOT, build_tiny_model, make_args, make_rollout, run_script, update_policy
 from transformers import AutoModelForCausalLM
 
 import eval as ev
@@ -210,6 +210,54 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32(algo):
     assert not cpu["bf16"]["enabled"] and "data_types" not in cpu
     args.zero_stage = 0  # DeepSpeed supports fp32 accumulation of bf16 gradients only under ZeRO
     assert "data_types" not in algo.deepspeed_config(args, on_gpu=True, grad_accum=4)
+
+
+@each
+def test_memory_efficient_linear_only_without_checkpointing(algo):
+    """docs/algorithms.md (6.8): a plain F.linear keeps gathered ZeRO-3 weights until the backward, which only
+    checkpointing bounds to one layer."""
+    for ckpt, efficient in (("on", False), ("off", True)):
+        config = algo.deepspeed_config(algo.Args(gradient_checkpointing=ckpt), on_gpu=True, grad_accum=1)
+        assert config["zero_optimization"]["memory_efficient_linear"] is efficient, ckpt
+
+
+LINEAR_CHECK = """
+import sys, torch
+import deepspeed
+from deepspeed.runtime.zero.linear import zero3_linear_wrap
+from conftest import make_args
+algo = __import__(sys.argv[1])
+algo.init_distributed()
+for ckpt in ("on", "off"):  # "off" last: DeepSpeed's patch of F.linear lasts for the process
+    args = make_args(algo, model=sys.argv[2], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3)
+    algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
+    print(ckpt, torch.nn.functional.linear is zero3_linear_wrap)
+"""
+
+
+@each
+def test_zero3_trains_with_plain_linear_under_checkpointing(algo, tiny_model, tmp_path):
+    """docs/algorithms.md (6.8): neither the policy nor the reference (β > 0) makes DeepSpeed replace F.linear
+    (process-wide) with its slower memory-efficient Linear when checkpointing is on; without it, it does."""
+    script = tmp_path / "linear_check.py"
+    script.write_text(LINEAR_CHECK)
+    out = run_script([str(script), algo.__name__, tiny_model], cwd=str(tmp_path)).stdout
+    assert "on False" in out and "off True" in out, out
+
+
+@each
+def test_decoder_layers_become_zero3_leaf_modules(algo, tiny_model):
+    from deepspeed.utils import z3_leaf_module
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    classes = algo.zero3_leaf_layers(model)
+    assert [c.__name__ for c in classes] == ["Qwen2DecoderLayer"]
+    leaves = [type(m).__name__ for m in model.modules() if z3_leaf_module(m)]
+    assert leaves == ["Qwen2DecoderLayer"] * model.config.num_hidden_layers
+    bare = AutoModelForCausalLM.from_pretrained(tiny_model)
+    bare._no_split_modules = None  # a model that names no layer class keeps DeepSpeed's per-module hooks
+    assert algo.zero3_leaf_layers(bare) == [] and not any(z3_leaf_module(m) for m in bare.modules())
 
 
 @each
