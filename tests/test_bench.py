@@ -68,3 +68,27 @@ def test_gpu_report_has_a_row_per_run_with_its_memory(tmp_path):
         assert [c.strip() for c in row[:3]] == [r["script"], r["launcher"], r["model"]]
         peaks = [float(x) for x in row[9].split("/")]  # generate / logprobs / update / sync, GiB
         assert len(peaks) == 4 and peaks[2] == round(r["memory_gib"]["update_peak_gib"], 2)
+
+
+def test_update_profile_variants_take_the_same_step(tiny_model, tmp_path):
+    """bench/update_profile.py times settings that must not change the maths: the plain model, ZeRO-3 as the
+    scripts set it up (leaf decoder layers, plain F.linear under checkpointing) and DeepSpeed's defaults give
+    the same gradient norm on the same rollout, and the report has their rows and the profiler's table."""
+    import subprocess
+
+    out = str(tmp_path / "profile")
+    variants = ["plain_ckpt", "zero3_ckpt", "zero3_dsdefault_ckpt"]
+    script = os.path.join(os.path.dirname(compare_algorithms.__file__), "update_profile.py")
+    proc = subprocess.run([sys.executable, script,
+                           "--model", tiny_model, "--out", out, "--sequences", "8", "--micro-batch", "4",
+                           "--completion-length", "16", "--repeats", "1", "--variants", *variants,
+                           "--profile", "zero3_ckpt"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out + ".json") as f:
+        result = json.load(f)["variants"]
+    assert list(result) == variants and all("seconds" in r for r in result.values()), result
+    norms = [result[v]["grad_norm"] for v in variants]
+    assert norms[0] > 0 and max(abs(n - norms[0]) for n in norms) < 1e-5 * norms[0], norms
+    assert result["zero3_ckpt"]["profile_total_ms"]["cpu"] > 0
+    report = open(out + ".md").read()
+    assert all(f"| {v} |" in report for v in variants) and "## zero3_ckpt: cpu time" in report
