@@ -10,8 +10,8 @@ checkpoint that differ from the initial ones; each phase's peak GPU memory (the 
 named in --resume-check also restart from their step-1 checkpoint with --resume, and the resumed step 2 is compared
 with the uninterrupted one. The throughput is the update's real (non-padding) tokens per second, from the scripts'
 own `time/update` and `update/real_tokens`, beside a plain transformers forward + backward + AdamW of the same real
-tokens in the same micro-batches (no DeepSpeed, no log-prob code of ours), and bench/zero3_overhead.py's fixed cost
-per micro-batch of DeepSpeed on this device.
+tokens in the same micro-batches (no DeepSpeed, no log-prob code of ours), and bench/update_profile.py on the same
+model (the scripts' update_policy under each DeepSpeed setting against a plain model, with a profiler table).
 
 --smollm2 may hold only config.json and the tokenizer: the weights are then random (the checks exercise the
 architecture, not what the weights know). The 0.5B-shaped model is always random, with SmolLM2's tokenizer.
@@ -79,8 +79,8 @@ class Args:
     throughput: list[str] = field(default_factory=lambda: ["packed", "packed_zero2", "padded"])
     """grpo.py update throughput runs on the 0.5B-shaped model: packed or padded (--padding-free on / off), with
     `_zeroN` for --zero-stage N (default 3); the plain yardstick runs right after the first packed one"""
-    overhead: bool = True
-    """also run bench/zero3_overhead.py (DeepSpeed's fixed cost per micro-batch) on this device"""
+    update_profile: bool = True
+    """also run bench/update_profile.py on the throughput model (writes OUT_update_profile.{json,md})"""
     throughput_model: str = "qwen0.5b"
     """the model of the throughput runs (one of --models)"""
     throughput_steps: int = 4
@@ -368,10 +368,10 @@ def write(args: Args, result: dict) -> None:
         for name, r in result.get("plain", {}).items():
             lines.append(f"| {name} | | | | | {r.get('seconds', float('nan')):.2f} | {r.get('real_tokens', 0)} | | "
                          f"{r.get('tokens_per_s', 'failed')} | |")
-    overhead = result.get("zero3_overhead", {}).get("seconds_per_micro_batch")
-    if overhead:
-        lines += ["", "DeepSpeed's fixed cost per micro-batch (`bench/zero3_overhead.py`, 24 layers × 64 wide, seconds): "
-                  + ", ".join(f"{k} {v}" for k, v in overhead.items())]
+    profile = result.get("update_profile", {}).get("variants")
+    if profile:
+        lines += ["", "`bench/update_profile.py`, seconds per update of the same rollout: "
+                  + ", ".join(f"{k} {v.get('seconds', 'failed')}" for k, v in profile.items())]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -417,16 +417,17 @@ def main() -> None:
                                                      args.throughput_completion_length, micro, ckpt)
                 print(f"{name}: {result['plain'][name]}", flush=True)
                 write(args, result)
-        if args.overhead and "zero3_overhead" not in result and not late():
-            path = args.out + "_zero3_overhead.json"
-            proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "zero3_overhead.py"), path],
-                                  capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+        if args.update_profile and "update_profile" not in result and not late():
+            out = args.out + "_update_profile"
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "update_profile.py"), "--model",
+                                   paths[args.throughput_model], "--out", out], capture_output=True, text=True,
+                                  cwd=ROOT, timeout=4 * args.timeout)
             if proc.returncode == 0:
-                with open(path) as f:
-                    result["zero3_overhead"] = json.load(f)
+                with open(out + ".json") as f:
+                    result["update_profile"] = json.load(f)
             else:
-                result["zero3_overhead"] = {"error": proc.stderr[-3000:]}
-            print(f"zero3_overhead: {result['zero3_overhead']}", flush=True)
+                result["update_profile"] = {"error": proc.stderr[-3000:]}
+            print(f"update_profile: {proc.stdout[-2000:]}", flush=True)
             write(args, result)
     write(args, result)
     print(open(args.out + ".md").read())

@@ -340,8 +340,15 @@ def test_empty_dataset(monkeypatch, tiny_model, tmp_path):
 
 
 def test_hub_dataset_without_hub(monkeypatch, tiny_model):
+    import datasets
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # the libraries read these once, at import: without this the test waited on the network's retries (~25 s)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     msg = run_main(["--model", tiny_model, "--dataset", "gsm8k"], monkeypatch)
     assert "gsm8k_train.jsonl" in msg
 
