@@ -903,7 +903,7 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
         # no autograd graph in the reference's forward: nothing for DeepSpeed's memory-efficient Linear to save
         ref_config["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0, "memory_efficient_linear": False}
         ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        if ref_config["zero_optimization"]["stage"] == 3 and args.zero3_leaf_layers:
+        if args.zero_stage == 3 and args.zero3_leaf_layers:
             zero3_leaf_layers(ref_model)
         ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
         ref_engine.eval()

@@ -24,7 +24,6 @@ in seconds per update and real tokens per second. Variants:
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -91,16 +90,11 @@ class PlainEngine:
 
 def one_variant(args: Args) -> dict:
     """Time grpo.update_policy under args.variant, in this process."""
-    import deepspeed
     import torch.distributed as dist
 
     import grpo
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(s.getsockname()[1]))
-    deepspeed.init_distributed()
+    grpo.init_distributed()  # a world of one (and, on CPU, no shared-memory file left behind)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     name = args.variant
