@@ -210,6 +210,10 @@ class Args:
     padding_free: bool = True
     """pack each micro-batch's sequences into rows without padding (position ids restart per sequence, attention
     never crosses sequences); the same log-probs as padded rows; --no-padding-free pads"""
+    share_prompts: bool = True
+    """with --padding-free, the completions of a prompt in a micro-batch follow one copy of it and attend to it (a 4D
+    attention mask, sdpa), so the prompt is computed once instead of once per completion; the same log-probs and
+    gradients; --no-share-prompts: a copy per completion"""
     micro_batch_by_tokens: bool = True
     """form the micro-batches of an optimizer step with balanced token counts instead of equal sequence counts
     (the loss does not depend on the split); --no-micro-batch-by-tokens: consecutive sequences"""
@@ -453,7 +457,8 @@ def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bo
         head = getattr(model, "module", model).get_output_embeddings()  # the DeepSpeed engine's model, or the model
         keep = head.register_forward_pre_hook(lambda _, inputs: (inputs[0].flatten(0, 1)[index].unsqueeze(0),))
         try:
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=0,
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           attention_mask=batch["attention_mask"], logits_to_keep=0,
                            use_cache=False).logits  # [1, N, V]: the N completion tokens, sequence by sequence
         finally:
             keep.remove()
@@ -511,13 +516,15 @@ class Rollout:
     ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref, when β > 0; 0 on padding
     epsilon: Optional[torch.Tensor] = None  # [n] ε_q of each completion's prompt (3.8)
     pack_rows: int = 0  # micro-batches as padding-free rows of at most this many tokens; 0: padded
+    share_prompts: bool = False  # packed rows hold each prompt once, followed by its completions
+    hidden_size: int = 1024  # the model's, for pack's choice of how many completions share a prompt copy
 
     def micro_batch(self, ix: list, device) -> dict:
         """Rows `ix` as model inputs (collate, or pack into rows of at most pack_rows tokens), with their rows of the
         [n, T] tensors cut to their longest completion."""
         prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
-        batch = pack(prompts, completions, self.pad_id, self.pack_rows, device) if self.pack_rows else \
-            collate(prompts, completions, self.pad_id, device)
+        batch = collate(prompts, completions, self.pad_id, device) if not self.pack_rows else \
+            pack(prompts, completions, self.pad_id, self.pack_rows, device, self.share_prompts, self.hidden_size)
         width = batch["completion_ids"].shape[1]
         cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
         batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
@@ -644,38 +651,83 @@ def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     batch = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, completion_ids=comp,
                  completion_mask=comp_mask)
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()} | {"tokens": int(attention.sum())}
 
 
-def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device) -> dict:
+def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device,
+         share_prompts: bool = False, hidden_size: int = 1024) -> dict:
     """A padding-free micro-batch: each sequence (prompt + completion) goes into the first row with room, rows of at
     most row_len tokens and no longer than the longest sequence ([R, L]). Position ids restart at each sequence, and
     with no attention mask transformers builds a block-causal mask from them, so attention never crosses sequences.
+    share_prompts: the completions of one prompt follow a single copy of it ([prompt, c1, c2, ...]: a unit; as many
+    units per prompt as cost least for a model of hidden_size), each completion's positions continuing the
+    prompt's, and a 4D attention mask ([R, 1, L, L], True: attend) lets each completion see the prompt and itself
+    only; units go first-fit into rows of row_len tokens (a longer unit: a row of its own).
     logit_index: the flat positions of [R, L] whose logits predict the completion tokens, sequence by sequence;
-    completion_ids and completion_mask as collate's ([B, T])."""
-    # docs/algorithms.md (6.7): rows no wider than padded rows would be, so packing never computes more positions
-    # than padding, and a row's dense attention (CPU, sdpa: L² per row) never spans more than padding's does
-    row_len = min(row_len, max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
-    rows, seq_pos, index = [], [], []
-    for p, c in zip(prompt_ids, completion_ids):
-        n = len(p) + len(c)
-        r = next((i for i, row in enumerate(rows) if len(row) + n <= row_len), len(rows))
+    tokens: the positions holding a token; completion_ids and completion_mask as collate's ([B, T])."""
+    if share_prompts:  # docs/algorithms.md (6.7): a prompt's completions in the units that cost least
+        by_prompt, units = {}, []  # units: [prompt, its sequences, tokens]
+        for i, p in enumerate(prompt_ids):
+            by_prompt.setdefault(tuple(p), []).append(i)
+        for members in by_prompt.values():
+            p, best = prompt_ids[members[0]], None
+            for k in range(1, len(members) + 1):  # k units: the longest completion first, each to the lightest unit
+                parts, load = [[] for _ in range(k)], [0] * k
+                for i in sorted(members, key=lambda i: -len(completion_ids[i])):
+                    u = min(range(k), key=lambda u: load[u])
+                    parts[u].append(i)
+                    load[u] += len(completion_ids[i])
+                # (6.7): a unit of L positions costs L (its linear layers) + L² / (6 · hidden) (its masked attention)
+                cost = sum((len(p) + n) * (1 + (len(p) + n) / (6 * hidden_size)) for n in load)
+                if best is not None and cost >= best[0]:
+                    break
+                best = (cost, [[p, sorted(part), len(p) + n] for part, n in zip(parts, load)])
+            units += best[1]
+    else:
+        units = [[p, [i], len(p) + len(c)] for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
+        # (6.7): rows no wider than padded rows would be, so packing never computes more positions than padding,
+        # and a row's dense attention (CPU, sdpa: L² per row) never spans more than padding's does
+        row_len = min(row_len, max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
+    rows, seq_pos, owner, index = [], [], [], {}
+    for p, members, n in units:
+        r = next((k for k, row in enumerate(rows) if len(row) + n <= row_len), len(rows))
         if r == len(rows):
             rows.append([])
             seq_pos.append([])
-        index.append((r, len(rows[r]) + len(p) - 1, len(c)))  # the position before the first completion token
-        rows[r] += p + c
-        seq_pos[r] += list(range(n))
+            owner.append([])
+        start = len(rows[r])
+        rows[r] += p
+        seq_pos[r] += list(range(len(p)))
+        owner[r] += [(start, -1)] * len(p)  # (which unit, which completion): the prompt, seen by all its completions
+        for i in members:
+            c = completion_ids[i]
+            # its first token is predicted at the prompt's last position, each later one at the token before it
+            index[i] = (r, ([start + len(p) - 1] + list(range(len(rows[r]), len(rows[r]) + len(c) - 1)))[: len(c)])
+            owner[r] += [(start, i)] * len(c)
+            rows[r] += c
+            seq_pos[r] += list(range(len(p), len(p) + len(c)))
     L = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), L), dtype=torch.long)
+    unit = torch.full((len(rows), L), -1, dtype=torch.long)  # trailing padding: a block of its own
+    member = torch.full((len(rows), L), -1, dtype=torch.long)
     for r, (row, pos) in enumerate(zip(rows, seq_pos)):
         input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        position_ids[r] = torch.tensor(pos + list(range(L - len(row))))  # trailing padding: a block of its own
-    logit_index = torch.tensor([r * L + start + j for r, start, c in index for j in range(c)], dtype=torch.long)
+        position_ids[r] = torch.tensor(pos + list(range(L - len(row))))
+        unit[r, : len(row)] = torch.tensor([u for u, _ in owner[r]], dtype=torch.long)
+        member[r, : len(row)] = torch.tensor([m for _, m in owner[r]], dtype=torch.long)
+    logit_index = torch.tensor([index[i][0] * L + x for i in range(len(completion_ids)) for x in index[i][1]],
+                               dtype=torch.long)
+    attention = None
+    if share_prompts:  # key k is seen from query q: same unit, not later, and the prompt or q's own completion
+        causal = torch.ones(L, L, dtype=torch.bool).tril()  # [L, L]
+        same_unit = unit[:, :, None] == unit[:, None, :]  # [R, L, L]
+        visible = (member[:, None, :] == -1) | (member[:, :, None] == member[:, None, :])  # [R, L, L]
+        attention = (same_unit & visible & causal).unsqueeze(1)  # [R, 1, L, L]
     batch = collate([[]] * len(completion_ids), completion_ids, pad_id, "cpu")  # completion ids and mask, [B, T]
-    batch.update(input_ids=input_ids, position_ids=position_ids, logit_index=logit_index, attention_mask=None)
-    return {k: v.to(device) if v is not None else None for k, v in batch.items()}
+    batch.update(input_ids=input_ids, position_ids=position_ids, logit_index=logit_index, attention_mask=attention,
+                 tokens=sum(len(row) for row in rows))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def score(reward_funcs: list, names: list, examples: list, completions: list, completion_ids: list, G: int):
@@ -996,6 +1048,16 @@ def resolve_engine_flags(args: Args, on_gpu: bool, vllm_importable: bool) -> lis
     return notes
 
 
+def prompt_sharing_unsupported(config) -> Optional[str]:
+    """Why the model's attention cannot take pack's shared-prompt mask, or None. The 4D mask replaces the one the
+    model would build, so it is exact only where that one is plain causal: no sliding window (docs/algorithms.md
+    (6.7))."""
+    windows = [t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"]
+    if windows or (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+        return f"{config.model_type} has sliding-window attention layers"
+    return None
+
+
 def vllm_is_importable() -> tuple[bool, str]:
     try:
         from vllm import LLM  # noqa: F401
@@ -1036,6 +1098,9 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
 
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.share_prompts and policy.config._attn_implementation != "sdpa":
+        raise SystemExit(f"--share-prompts needs sdpa attention (a 4D attention mask); {args.model} loaded "
+                         f"{policy.config._attn_implementation!r}: pass --no-share-prompts")
     if args.gradient_checkpointing == "on":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.zero_stage == 3 and args.zero3_leaf_layers:
@@ -1220,9 +1285,10 @@ class Metrics:
         return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
-def update_plan(n: int, args: Args, shuffle_generator: torch.Generator, sizes: Optional[list] = None) -> list:
+def update_plan(n: int, args: Args, shuffle_generator: torch.Generator, sizes: Optional[list] = None,
+                prompts: Optional[list] = None) -> list:
     """plan[pass][optimizer step][micro-batch] → completion indices of this rank's rollout (sizes: each sequence's
-    tokens, for micro-batches of balanced token counts).
+    tokens, for micro-batches of balanced token counts; prompts: each sequence's prompt, when shared in a row).
 
     Shuffled per pass when the policy moves within a step (μ > 1 or mini-batches > 1); the first
     pass's micro-batches are also those of the old log-probs (docs/algorithms.md (6.1)).
@@ -1234,21 +1300,53 @@ def update_plan(n: int, args: Args, shuffle_generator: torch.Generator, sizes: O
         order = torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
         minis = [order[s : s + mini_size] for s in range(0, n, mini_size)]
         if sizes is not None and args.micro_batch_by_tokens:
-            plan.append([balanced_split(mini, sizes, mini_size // micro) for mini in minis])
+            plan.append([balanced_split(mini, sizes, mini_size // micro, prompts) for mini in minis])
         else:
             plan.append([[mini[k : k + micro] for k in range(0, mini_size, micro)] for mini in minis])
     return plan
 
 
-def balanced_split(ix: list, sizes: list, parts: int) -> list:
-    """`ix` in `parts` groups of about equal total size (the longest first, each to the lightest group), so no
-    micro-batch of long sequences runs out of memory while short ones waste a pass. The loss's normalisers
-    count the whole optimizer step (1.4), so the split does not change the loss."""
-    groups, load = [[] for _ in range(parts)], [0] * parts
-    for i in sorted(ix, key=lambda i: -sizes[i]):
-        g = min(range(parts), key=lambda g: (load[g], len(groups[g])))
-        groups[g].append(i)
-        load[g] += sizes[i]
+def balanced_split(ix: list, sizes: list, parts: int, prompts: Optional[list] = None) -> list:
+    """`ix` in `parts` groups of about equal total size, so no micro-batch of long sequences runs out of memory
+    while short ones waste a pass. The loss's normalisers count the whole optimizer step (1.4), so the split
+    does not change the loss. Without prompts: the longest first, each to the lightest group. With prompts (shared
+    in packed rows, 6.7), a prompt is computed once per micro-batch: the sequences, ordered prompt by prompt, are
+    cut into `parts` consecutive runs whose largest cost (a prompt counted once per run) is the least possible,
+    so a prompt's completions share a micro-batch except where a cut falls inside them."""
+    if prompts is None:
+        groups, load = [[] for _ in range(parts)], [0] * parts
+        for i in sorted(ix, key=lambda i: -sizes[i]):
+            g = min(range(parts), key=lambda g: (load[g], len(groups[g])))
+            groups[g].append(i)
+            load[g] += sizes[i]
+        return [sorted(g) for g in groups]
+    first = {}
+    for i in ix:
+        first.setdefault(tuple(prompts[i]), len(first))
+    order = sorted(ix, key=lambda i: (first[tuple(prompts[i])], -sizes[i]))
+
+    def runs(bound: int) -> list:  # consecutive runs, each as long as its cost stays within bound
+        out, cost, held = [], 0, set()
+        for i in order:
+            key = tuple(prompts[i])
+            add = sizes[i] - (len(key) if key in held else 0)
+            if out and cost + add <= bound:
+                out[-1].append(i)
+                cost += add
+            else:
+                out.append([i])
+                cost, held = sizes[i], set()
+            held.add(key)
+        return out
+
+    lo, hi = max(sizes[i] for i in ix), sum(sizes[i] for i in ix)
+    while lo < hi:  # the least bound that needs no more than `parts` runs
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(runs(mid)) <= parts else (mid + 1, hi)
+    groups = runs(lo)
+    while len(groups) < parts:  # fewer runs than micro-batches: halve the run of most sequences
+        k = max(range(len(groups)), key=lambda k: len(groups[k]))
+        groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
     return [sorted(g) for g in groups]
 
 
@@ -1333,8 +1431,10 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
                 batch = rollout.micro_batch(ix, device)
                 mask = batch["loss_mask"]  # [b, t]
                 real = sum(len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) for i in ix)
-                metrics.add("update/padding_fraction", batch["input_ids"].numel() - real, batch["input_ids"].numel())
-                metrics.add_total("update/real_tokens", real)
+                positions = batch["input_ids"].numel()
+                metrics.add("update/padding_fraction", positions - batch["tokens"], positions)
+                metrics.add_total("update/real_tokens", real)  # the sequences' tokens, a shared prompt counted each time
+                metrics.add_total("update/computed_tokens", positions)
                 logp, entropy = completion_logprobs(engine, batch, 1.0, with_entropy=it == 0,
                                                     chunk_size=args.logprob_chunk_size)
                 old = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
@@ -1399,6 +1499,10 @@ def main() -> None:
     vllm_ok, vllm_error = vllm_is_importable() if args.use_vllm else (False, "")
     for note in resolve_engine_flags(args, on_gpu, vllm_ok):
         log(note + (f" ({vllm_error})" if "importable" in note else ""))
+    unshared = prompt_sharing_unsupported(AutoConfig.from_pretrained(args.model)) if args.share_prompts else None
+    if unshared and args.padding_free:
+        log(f"--share-prompts off: {unshared}")
+    args.share_prompts = args.share_prompts and args.padding_free and not unshared
 
     # run name, resume state, tracking (every flag is settled by now: what is recorded is what runs)
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
@@ -1528,10 +1632,13 @@ def main() -> None:
         t0 = time.perf_counter()
         rollout = Rollout(prompt_ids=[p for p in prompt_ids for _ in range(G)], completion_ids=completion_ids,
                           advantages=advantages.float(), loss_mask=loss_mask, pad_id=tokenizer.pad_token_id,
-                          pack_rows=args.max_prompt_length + args.max_completion_length if args.padding_free else 0)
+                          pack_rows=args.max_prompt_length + args.max_completion_length if args.padding_free else 0,
+                          share_prompts=args.share_prompts,
+                          hidden_size=engine.module.config.get_text_config().hidden_size)
         shuffle_generator = torch.Generator().manual_seed(request_seed(args.seed, step, rank, 7))
         sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, completion_ids)]
-        plan = update_plan(len(completion_ids), args, shuffle_generator, sizes)
+        plan = update_plan(len(completion_ids), args, shuffle_generator, sizes,
+                           rollout.prompt_ids if args.share_prompts else None)
         micro_batches = [ix for mini in plan[0] for ix in mini]
         entropy = rollout_logprobs(engine, ref_engine, rollout, micro_batches, args, device)  # [n, T]
         # ALGO LOGIC: each prompt's clip range from the policy's entropy, the probes and the drift (3.5), (3.8)

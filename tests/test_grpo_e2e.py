@@ -163,6 +163,8 @@ def test_one_process_vllm_and_resume(tiny_untied_model, add_data, tmp_path):
     run_script(common + ["--output-dir", out], cwd=str(tmp_path))
     full = check_run(out, 2)
     assert all(m["sync/logprob_max_abs_diff"] < SYNC_TOL for m in full)
+    # --share-prompts (default): each micro-batch holds one prompt's 4 completions, the prompt computed once
+    assert all(m["update/computed_tokens"] < m["update/real_tokens"] for m in full)
     name = os.listdir(out)[0]
 
     out2 = str(tmp_path / "runs_resumed")

@@ -402,6 +402,101 @@ def test_packed_rows_are_never_wider_than_the_longest_sequence(algo):
 
 
 @each
+def test_shared_prompts_give_the_padded_logprobs_and_gradient(algo, tiny_model):
+    """--share-prompts: each prompt once per packed row, its completions attending to it through a 4D mask, gives
+    the per-token log-probs, entropy and gradient of padded rows, with fewer positions computed: with attention
+    priced at nothing, one unit per prompt (prompt 0's: 31 tokens, a row of its own); priced high, several."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, 200, (k,), generator=g).tolist() for k in (5, 3, 6)]
+    prompt_ids = [prompts[0]] * 4 + [prompts[1]] * 2 + [prompts[2]] + [list(prompts[0])]  # the last: equal, not same
+    lengths = [7, 2, 5, 9, 1, 0, 4, 3]
+    rollout = make_rollout(algo, prompt_ids=prompt_ids,
+                           completion_ids=[torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths],
+                           advantages=torch.randn(8, generator=g), loss_mask=algo.completion_mask(lengths))
+    weights = torch.randn(8, 9, generator=g)
+    results = []
+    for rows, share, hidden in ((0, False, 0), (24, True, 10**6), (24, True, 1)):
+        rollout.pack_rows, rollout.share_prompts, rollout.hidden_size = rows, share, hidden
+        batch = rollout.micro_batch(list(range(8)), "cpu")
+        assert (batch["attention_mask"].dim() == 4) == share
+        model.zero_grad()
+        logp, entropy = algo.completion_logprobs(model, batch, 0.8, with_entropy=True, chunk_size=4)
+        (logp * weights[:, : logp.shape[1]] * batch["completion_mask"]).sum().backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], batch))
+    (a, ent_a, grad_a, padded), *shared = results
+    mask = padded["completion_mask"].bool()
+    for b, ent_b, grad_b, _ in shared:
+        assert torch.allclose(a[mask], b[mask], atol=1e-5) and (b[~mask] == 0).all()
+        assert torch.allclose(ent_a[mask], ent_b[mask], atol=1e-4)
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grad_a, grad_b))
+    real = sum(len(p) for p in prompt_ids) + sum(lengths)
+    one_copy, split = shared[0][3]["tokens"], shared[1][3]["tokens"]
+    assert padded["tokens"] == real and one_copy == real - 4 * 5 - 1 * 3  # prompt 0 once, not 5 times; 1 once
+    assert one_copy < split < real  # attention priced high: prompt 0's completions split over units
+
+
+@each
+def test_shared_prompt_layout(algo):
+    """[prompt, its completions...] per unit: positions continue the prompt's in each completion, the first token
+    of each completion is predicted from the prompt's last position, and a completion sees its prompt and itself."""
+    # a model whose attention costs nothing beside its linear layers: one unit per prompt, [1, 2] + [7, 8], [10],
+    # [11, 12] (7 tokens: longer than a row of 6, a row of its own); then [3] + [9, 4]
+    batch = algo.pack([[1, 2], [3], [1, 2], [1, 2]], [[7, 8], [9, 4], [10], [11, 12]], 0, 6, "cpu",
+                      share_prompts=True, hidden_size=10**6)
+    assert batch["input_ids"].tolist() == [[1, 2, 7, 8, 10, 11, 12], [3, 9, 4, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3], [0, 1, 2, 0, 1, 2, 3]]
+    assert batch["logit_index"].tolist() == [1, 2, 7, 8, 1, 1, 5]  # sequence by sequence, row-major
+    assert batch["tokens"] == 10 and batch["completion_mask"].tolist() == [[1, 1], [1, 1], [1, 0], [1, 1]]
+    seen = batch["attention_mask"][:, 0]  # [R, L, L]: seen[r, q, k]
+    assert seen[0, 4].tolist() == [True, True, False, False, True, False, False]  # 10: its prompt, itself
+    assert seen[0, 6].tolist() == [True, True, False, False, False, True, True]  # 12: its prompt, 11, itself
+    assert seen[1, 2].tolist() == [True, True, True, False, False, False, False]
+    assert seen[1, 4].tolist() == [False, False, False, True, True, False, False]  # padding: a block of its own
+    assert (seen.tril() == seen).all()  # never a later key
+    # (6.7): a unit of L positions costs L + L² / (6 · hidden); with 3 completions of 20 after a prompt of 2 and
+    # hidden 1, one unit (62 + 62² / 6) costs more than three (3 · (22 + 22² / 6)): a prompt copy per completion
+    long = [list(range(5, 25)), list(range(25, 45)), list(range(45, 65))]
+    assert algo.pack([[1, 2]] * 3, long, 0, 100, "cpu", share_prompts=True, hidden_size=1)["tokens"] == 66
+    assert algo.pack([[1, 2]] * 3, long, 0, 100, "cpu", share_prompts=True, hidden_size=10**6)["tokens"] == 62
+
+
+@each
+def test_shared_prompt_micro_batches_keep_a_prompts_completions_together(algo):
+    """With shared prompts a micro-batch computes each of its prompts once: the split cuts the sequences, prompt by
+    prompt, into consecutive runs of balanced cost, so 4 prompts × 8 completions in 4 micro-batches are 4 groups;
+    the split by sequence sizes alone spreads each prompt's completions over the micro-batches."""
+    prompt_ids = [[p] * (80 + 10 * p) for p in range(4) for _ in range(8)]
+    g = torch.Generator().manual_seed(0)
+    sizes = [len(p) + int(torch.randint(30, 65, (1,), generator=g)) for p in prompt_ids]
+    groups = algo.balanced_split(list(range(32)), sizes, 4, prompt_ids)
+    assert groups == [list(range(k * 8, k * 8 + 8)) for k in range(4)]
+    copies = sum(len({prompt_ids[i][0] for i in mb}) for mb in algo.balanced_split(list(range(32)), sizes, 4))
+    assert copies > 8  # by sizes alone the prompts are spread: more than twice the 4 copies computed
+    for parts in (3, 5, 32):  # cuts inside a group: every sequence once, no micro-batch empty, costs balanced
+        groups = algo.balanced_split(list(range(32)), sizes, parts, prompt_ids)
+        assert len(groups) == parts and all(groups) and sorted(i for mb in groups for i in mb) == list(range(32))
+        cost = [sum(sizes[i] for i in mb) - sum(len(prompt_ids[i]) for i in mb)
+                + sum(len(prompt_ids[i]) for i in {prompt_ids[i][0]: i for i in mb}.values()) for mb in groups]
+        assert max(cost) <= sum(cost) / parts + max(sizes)
+    args = make_args(algo, micro_batch_size=8, num_iterations=1, world_size=1)
+    assert algo.update_plan(32, args, torch.Generator(), sizes, prompt_ids)[0][0] == [list(range(k * 8, k * 8 + 8))
+                                                                                      for k in range(4)]
+
+
+@each
+def test_share_prompts_only_without_sliding_windows(algo):
+    """The shared-prompt mask replaces the model's own: exact only where that is plain causal."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    assert algo.prompt_sharing_unsupported(Qwen2Config()) is None
+    assert algo.prompt_sharing_unsupported(LlamaConfig()) is None
+    assert "sliding" in algo.prompt_sharing_unsupported(MistralConfig(sliding_window=4096))
+    assert "sliding" in algo.prompt_sharing_unsupported(
+        Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0, num_hidden_layers=2))
+
+
+@each
 def test_micro_batches_balance_tokens(algo):
     sizes = [100, 10, 90, 20, 80, 30, 70, 40]
     groups = algo.balanced_split(list(range(8)), sizes, 2)
