@@ -76,9 +76,10 @@ class Args:
     """check runs sharing the GPU at a time"""
     parallel_large: int = 2
     """of which runs of the 0.5B-shaped model at most (each final checkpoint with its optimizer state is ~8 GB)"""
-    throughput: list[str] = field(default_factory=lambda: ["packed", "packed_zero2", "padded"])
-    """grpo.py update throughput runs on the 0.5B-shaped model: packed or padded (--padding-free on / off), with
-    `_zeroN` for --zero-stage N (default 3); the plain yardstick runs right after the first packed one"""
+    throughput: list[str] = field(default_factory=lambda: ["shared", "packed", "padded"])
+    """grpo.py update throughput runs on the 0.5B-shaped model: shared (the default: --padding-free --share-prompts),
+    packed (--padding-free --no-share-prompts) or padded (--no-padding-free), with `_zeroN` for --zero-stage N
+    (default 3); the plain yardstick runs right after the first shared or packed one"""
     update_profile: bool = True
     """also run bench/update_profile.py on the throughput model (writes OUT_update_profile.{json,md})"""
     throughput_model: str = "qwen0.5b"
@@ -297,7 +298,8 @@ def throughput(args: Args, path: str, variant: str, port: int) -> dict:
              "--max-completion-length", str(args.throughput_completion_length),
              "--micro-batch-size", str(args.throughput_micro_batch), "--learning-rate", "1e-6",
              "--log-completions", "0", "--reward-funcs", "toy_rewards:letter_a",
-             "--padding-free" if variant.startswith("packed") else "--no-padding-free"]
+             "--no-padding-free" if variant.startswith("padded") else "--padding-free",
+             "--share-prompts" if variant.startswith("shared") else "--no-share-prompts"]
     if "_zero" in variant:
         flags += ["--zero-stage", variant.split("_zero")[1]]
     if not vllm_ok():
@@ -310,7 +312,7 @@ def throughput(args: Args, path: str, variant: str, port: int) -> dict:
         return r
     med = {k: statistics.median(m[k] for m in rows) for k in ("time/step", "time/generate", "time/logprobs",
                                                               "time/update", "time/weight_sync", "update/real_tokens",
-                                                              "update/padding_fraction")}
+                                                              "update/padding_fraction", "update/computed_tokens")}
     r.update({k.replace("/", "_"): round(v, 4) for k, v in med.items()})
     r["steps_measured"] = [m["step"] for m in rows]
     r["update_tokens_per_s"] = round(med["update/real_tokens"] / med["time/update"])
@@ -356,17 +358,19 @@ def write(args: Args, result: dict) -> None:
                       f"{args.throughput_generations}, ≤ {args.throughput_completion_length} tokens, micro-batch "
                       f"{args.throughput_micro_batch}, β 0, dapo, `deepspeed --num_gpus 1`, median over the steps listed (1 is "
                       "warm-up)", "",
-                  "| run | steps | s/step | generate | logprobs | update | real tokens/step | padding | update tokens/s "
-                  "| peak GiB update |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | steps | s/step | generate | logprobs | update | real tokens/step | padding | positions / real "
+                  "tokens | update tokens/s | peak GiB update |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in result["throughput"].items():
             if "time_step" not in r:
-                lines.append(f"| {name} | failed (rc {r['rc']}) | | | | | | | | |")
+                lines.append(f"| {name} | failed (rc {r['rc']}) | | | | | | | | | |")
                 continue
+            computed = r.get("update_computed_tokens")  # absent from runs made before shared prompts
+            ratio = f"{computed / r['update_real_tokens']:.2f}" if computed else "–"
             lines.append(f"| {name} | {r.get('steps_measured')} | {r['time_step']:.2f} | {r['time_generate']:.2f} | {r['time_logprobs']:.2f} | "
                          f"{r['time_update']:.2f} | {r['update_real_tokens']:.0f} | {r['update_padding_fraction']:.1%} | "
-                         f"{r['update_tokens_per_s']} | {r['memory_gib'].get('update_peak_gib', float('nan')):.2f} |")
+                         f"{ratio} | {r['update_tokens_per_s']} | {r['memory_gib'].get('update_peak_gib', float('nan')):.2f} |")
         for name, r in result.get("plain", {}).items():
-            lines.append(f"| {name} | | | | | {r.get('seconds', float('nan')):.2f} | {r.get('real_tokens', 0)} | | "
+            lines.append(f"| {name} | | | | | {r.get('seconds', float('nan')):.2f} | {r.get('real_tokens', 0)} | | | "
                          f"{r.get('tokens_per_s', 'failed')} | |")
     profile = result.get("update_profile", {}).get("variants")
     if profile:
@@ -409,7 +413,7 @@ def main() -> None:
         r = result["throughput"][variant] = throughput(args, paths[args.throughput_model], variant, 29590)
         print(f"throughput {variant}: {r}", flush=True)
         write(args, result)
-        if variant == "packed" and r.get("update_real_tokens") and not result["plain"]:
+        if variant in ("shared", "packed") and r.get("update_real_tokens") and not result["plain"]:
             micro = args.throughput_prompts * args.throughput_generations // args.throughput_micro_batch
             for ckpt in (True, False):
                 name = f"plain transformers{' + checkpointing' if ckpt else ''}"

@@ -1,4 +1,4 @@
-"""Step time of grpo.py with and without padding-free micro-batches, and with and without the CPU allocator and
+"""Step time of grpo.py with padded, packed and shared-prompt micro-batches, and with and without the CPU allocator and
 OpenMP runtime preloaded, on one config, one run after the other; the update's time per real token against a
 plain forward + backward + AdamW of the same number of real tokens; and, with --trl-python, TRL's GRPOTrainer on
 the same config in the same environment (bench/bench_trl.py, run by the python of a venv that has TRL).
@@ -42,9 +42,9 @@ class Args:
     """tokens per completion at most"""
     micro_batch_size: int = 32
     """completions per micro-batch"""
-    variants: list[str] = field(default_factory=lambda: ["padded_plain", "packed_plain", "padded_preload",
-                                                          "packed_preload"])
-    """the grpo.py runs: {padded,packed}_{plain,preload}"""
+    variants: list[str] = field(default_factory=lambda: ["padded_preload", "packed_preload", "shared_preload"])
+    """the grpo.py runs, {padded,packed,shared}_{plain,preload}: --no-padding-free, --padding-free --no-share-prompts,
+    --padding-free --share-prompts (the default); with or without the preload"""
     trl_python: str | None = None
     """python of a venv with TRL 1.16 (README, Benchmarks): also run TRL's GRPOTrainer on this config, preloaded"""
 
@@ -56,14 +56,15 @@ def preload_env(on: bool) -> dict:
     return dict(os.environ, LD_PRELOAD=":".join(libs) if on else "")
 
 
-def run_grpo(args: Args, name: str, padding_free: bool, preload: bool) -> dict:
+def run_grpo(args: Args, name: str, layout: str, preload: bool) -> dict:
     out = os.path.join(args.out + ".runs", name)
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--model", args.model, "--dataset", args.dataset,
            "--output-dir", out, "--total-steps", str(args.steps), "--save-steps", "0", "--beta", "0",
            "--loss-type", "dapo", "--prompts-per-step", str(args.prompts_per_step),
            "--num-generations", str(args.num_generations), "--max-completion-length", str(args.max_completion_length),
            "--micro-batch-size", str(args.micro_batch_size), "--log-completions", "0",
-           "--padding-free" if padding_free else "--no-padding-free"]
+           "--padding-free" if layout != "padded" else "--no-padding-free",
+           "--share-prompts" if layout == "shared" else "--no-share-prompts"]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "run.log"), "w") as log:
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=preload_env(preload)).returncode:
@@ -75,6 +76,7 @@ def run_grpo(args: Args, name: str, padding_free: bool, preload: bool) -> dict:
            for k in ("time/step", "time/generate", "time/update", "time/weight_sync")}
     med["padding_fraction"] = statistics.mean(r["update/padding_fraction"] for r in rows)
     med["real_tokens_per_step"] = statistics.mean(r["update/real_tokens"] for r in rows)
+    med["computed_tokens_per_step"] = statistics.mean(r["update/computed_tokens"] for r in rows)
     med["update_s_per_1k_real_tokens"] = 1000 * med["time/update"] / med["real_tokens_per_step"]
     med["reward_per_step"] = [r["reward"] for r in rows]
     return med
@@ -139,7 +141,9 @@ def main() -> None:
     result = {"settings": asdict(args), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}, "plain": {}}
     for name in args.variants:
         layout, env = name.split("_")
-        result["runs"][name] = run_grpo(args, name, layout == "packed", env == "preload")
+        if layout not in ("padded", "packed", "shared") or env not in ("plain", "preload"):
+            raise SystemExit(f"--variants {name}: expected {{padded,packed,shared}}_{{plain,preload}}")
+        result["runs"][name] = run_grpo(args, name, layout, env == "preload")
         if env not in result["plain"]:
             real_tokens = int(result["runs"][name]["real_tokens_per_step"])
             result["plain"][env] = plain_fwd_bwd(args, env == "preload", real_tokens)
@@ -151,20 +155,22 @@ def main() -> None:
              f"{args.num_generations}, ≤ {args.max_completion_length} tokens, β 0, dapo, μ 1, micro-batch "
              f"{args.micro_batch_size}, {result['date']}:", "",
              "| run | s/step | generate (s) | weight sync (s) | update (s) | padding in the update | "
-             "update s / 1k real tokens | plain fwd+bwd+AdamW s / 1k real tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+             "positions computed / real tokens | update s / 1k real tokens | plain fwd+bwd+AdamW s / 1k real tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         plain = result["plain"][name.split("_")[1]]
         lines.append(f"| grpo.py {name} | {r['time/step']:.1f} | {r['time/generate']:.1f} | "
                      f"{r['time/weight_sync']:.2f} | {r['time/update']:.1f} | {100 * r['padding_fraction']:.0f}% | "
+                     f"{r['computed_tokens_per_step'] / r['real_tokens_per_step']:.2f} | "
                      f"{r['update_s_per_1k_real_tokens']:.2f} | {plain['s_per_1k_real_tokens']:.2f} |")
     if "trl" in result:
         t = result["trl"]
         lines.append(f"| TRL 1.16 GRPOTrainer, preload | {t['time/step']:.1f} | {t['time/generate']:.1f} | "
-                     f"{t['time/weight_sync']:.2f} | {t['time/update']:.1f} | - | - | - |")
-        if "packed_preload" in result["runs"]:
-            ratio = result["runs"]["packed_preload"]["time/step"] / t["time/step"]
-            lines += ["", f"grpo.py packed_preload / TRL: {ratio:.2f}× the step time (target ≤ 0.6×)."]
+                     f"{t['time/weight_sync']:.2f} | {t['time/update']:.1f} | - | - | - | - |")
+        for name in ("shared_preload", "packed_preload", "padded_preload"):
+            if name in result["runs"]:
+                ratio = result["runs"][name]["time/step"] / t["time/step"]
+                lines += ["", f"grpo.py {name} / TRL: {ratio:.2f}× the step time (target ≤ 0.6×)."]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
