@@ -563,7 +563,7 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
     share_prompts: the completions of one prompt follow a single copy of it ([prompt, c1, c2, ...]: a unit; as many
     units per prompt as cost least for a model of hidden_size), each completion's positions continuing the
     prompt's, and a 4D attention mask ([R, 1, L, L], True: attend) lets each completion see the prompt and itself
-    only; units go first-fit into rows of row_len tokens (a longer unit: a row of its own).
+    only; units go first-fit into rows of at most row_len tokens and no longer than the longest unit.
     logit_index: the flat positions of [R, L] whose logits predict the completion tokens, sequence by sequence;
     tokens: the positions holding a token; completion_ids and completion_mask as collate's ([B, T])."""
     if share_prompts:  # docs/algorithms.md (6.7): a prompt's completions in the units that cost least
@@ -586,9 +586,9 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
             units += best[1]
     else:
         units = [[p, [i], len(p) + len(c)] for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
-        # (6.7): rows no wider than padded rows would be, so packing never computes more positions than padding,
-        # and a row's dense attention (CPU, sdpa: L² per row) never spans more than padding's does
-        row_len = min(row_len, max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
+    # (6.7): rows no wider than the longest unit (sequence), so packing never computes more positions than padding,
+    # and a row's dense attention (CPU, sdpa: L² per row) never spans more than its longest unit's
+    row_len = min(row_len, max(n for _, _, n in units))
     rows, seq_pos, owner, index = [], [], [], {}
     for p, members, n in units:
         r = next((k for k, row in enumerate(rows) if len(row) + n <= row_len), len(rows))
@@ -611,7 +611,7 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
     input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), L), dtype=torch.long)
     unit = torch.full((len(rows), L), -1, dtype=torch.long)  # trailing padding: a block of its own
-    member = torch.full((len(rows), L), -1, dtype=torch.long)
+    member = torch.full((len(rows), L), -1, dtype=torch.long)  # -1: a prompt (or padding), else its sequence
     for r, (row, pos) in enumerate(zip(rows, seq_pos)):
         input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
         position_ids[r] = torch.tensor(pos + list(range(L - len(row))))
@@ -621,7 +621,8 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
                                dtype=torch.long)
     attention = None
     if share_prompts:  # key k is seen from query q: same unit, not later, and the prompt or q's own completion
-        causal = torch.ones(L, L, dtype=torch.bool).tril()  # [L, L]
+        unit, member = unit.to(device), member.to(device)  # the [R, L, L] masks are made where they are used
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # [L, L]
         same_unit = unit[:, :, None] == unit[:, None, :]  # [R, L, L]
         visible = (member[:, None, :] == -1) | (member[:, :, None] == member[:, None, :])  # [R, L, L]
         attention = (same_unit & visible & causal).unsqueeze(1)  # [R, 1, L, L]
@@ -951,7 +952,8 @@ def resolve_engine_flags(args: Args, on_gpu: bool, vllm_importable: bool) -> lis
 def prompt_sharing_unsupported(config) -> Optional[str]:
     """Why the model's attention cannot take pack's shared-prompt mask, or None. The 4D mask replaces the one the
     model would build, so it is exact only where that one is plain causal: no sliding window (docs/algorithms.md
-    (6.7))."""
+    (6.7)). A multimodal model's text config holds its layers."""
+    config = config.get_text_config()
     windows = [t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"]
     if windows or (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
         return f"{config.model_type} has sliding-window attention layers"
@@ -1220,23 +1222,22 @@ def balanced_split(ix: list, sizes: list, parts: int, prompts: Optional[list] = 
             groups[g].append(i)
             load[g] += sizes[i]
         return [sorted(g) for g in groups]
-    first = {}
+    key, first = {i: tuple(prompts[i]) for i in ix}, {}
     for i in ix:
-        first.setdefault(tuple(prompts[i]), len(first))
-    order = sorted(ix, key=lambda i: (first[tuple(prompts[i])], -sizes[i]))
+        first.setdefault(key[i], len(first))
+    order = sorted(ix, key=lambda i: (first[key[i]], -sizes[i]))
 
     def runs(bound: int) -> list:  # consecutive runs, each as long as its cost stays within bound
         out, cost, held = [], 0, set()
         for i in order:
-            key = tuple(prompts[i])
-            add = sizes[i] - (len(key) if key in held else 0)
+            add = sizes[i] - (len(key[i]) if key[i] in held else 0)
             if out and cost + add <= bound:
                 out[-1].append(i)
                 cost += add
             else:
                 out.append([i])
                 cost, held = sizes[i], set()
-            held.add(key)
+            held.add(key[i])
         return out
 
     lo, hi = max(sizes[i] for i in ix), sum(sizes[i] for i in ix)

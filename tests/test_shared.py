@@ -459,6 +459,11 @@ def test_shared_prompt_layout(algo):
     long = [list(range(5, 25)), list(range(25, 45)), list(range(45, 65))]
     assert algo.pack([[1, 2]] * 3, long, 0, 100, "cpu", share_prompts=True, hidden_size=1)["tokens"] == 66
     assert algo.pack([[1, 2]] * 3, long, 0, 100, "cpu", share_prompts=True, hidden_size=10**6)["tokens"] == 62
+    # rows no wider than the longest unit: two units of 8 and 7 tokens are two rows of 8, not one of 15, whose dense
+    # attention would span both
+    two = algo.pack([[1, 2], [1, 2], [3, 4, 5], [3, 4, 5]], [[6] * 3, [7] * 3, [8] * 2, [9] * 2], 0, 100, "cpu",
+                    share_prompts=True, hidden_size=10**6)
+    assert list(two["input_ids"].shape) == [2, 8] and two["tokens"] == 15
 
 
 @each
@@ -494,6 +499,9 @@ def test_share_prompts_only_without_sliding_windows(algo):
     assert "sliding" in algo.prompt_sharing_unsupported(MistralConfig(sliding_window=4096))
     assert "sliding" in algo.prompt_sharing_unsupported(
         Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0, num_hidden_layers=2))
+    from transformers import Gemma3Config
+
+    assert "sliding" in algo.prompt_sharing_unsupported(Gemma3Config())  # its text config holds the layers
 
 
 @each
