@@ -490,9 +490,10 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
             by_prompt.setdefault(tuple(p), []).append(i)
         for members in by_prompt.values():
             p, best = prompt_ids[members[0]], None
+            longest_first = sorted(members, key=lambda i: -len(completion_ids[i]))
             for k in range(1, len(members) + 1):  # k units: the longest completion first, each to the lightest unit
                 parts, load = [[] for _ in range(k)], [0] * k
-                for i in sorted(members, key=lambda i: -len(completion_ids[i])):
+                for i in longest_first:
                     u = min(range(k), key=lambda u: load[u])
                     parts[u].append(i)
                     load[u] += len(completion_ids[i])
@@ -507,22 +508,25 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
     # (6.7): rows no wider than the longest unit (sequence), so packing never computes more positions than padding,
     # and a row's dense attention (CPU, sdpa: L² per row) never spans more than its longest unit's
     row_len = min(row_len, max(n for _, _, n in units))
-    rows, seq_pos, owner, index = [], [], [], {}
+    rows, seq_pos, unit_of, member_of, index = [], [], [], [], {}
     for p, members, n in units:
         r = next((k for k, row in enumerate(rows) if len(row) + n <= row_len), len(rows))
         if r == len(rows):
             rows.append([])
             seq_pos.append([])
-            owner.append([])
+            unit_of.append([])
+            member_of.append([])
         start = len(rows[r])
         rows[r] += p
         seq_pos[r] += list(range(len(p)))
-        owner[r] += [(start, -1)] * len(p)  # (which unit, which completion): the prompt, seen by all its completions
+        unit_of[r] += [start] * len(p)  # a unit is named by its start in the row
+        member_of[r] += [-1] * len(p)  # the prompt, seen by all its completions
         for i in members:
             c = completion_ids[i]
             # its first token is predicted at the prompt's last position, each later one at the token before it
             index[i] = (r, ([start + len(p) - 1] + list(range(len(rows[r]), len(rows[r]) + len(c) - 1)))[: len(c)])
-            owner[r] += [(start, i)] * len(c)
+            unit_of[r] += [start] * len(c)
+            member_of[r] += [i] * len(c)
             rows[r] += c
             seq_pos[r] += list(range(len(p), len(p) + len(c)))
     L = max(len(row) for row in rows)
@@ -533,8 +537,8 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
     for r, (row, pos) in enumerate(zip(rows, seq_pos)):
         input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
         position_ids[r] = torch.tensor(pos + list(range(L - len(row))))
-        unit[r, : len(row)] = torch.tensor([u for u, _ in owner[r]], dtype=torch.long)
-        member[r, : len(row)] = torch.tensor([m for _, m in owner[r]], dtype=torch.long)
+        unit[r, : len(row)] = torch.tensor(unit_of[r], dtype=torch.long)
+        member[r, : len(row)] = torch.tensor(member_of[r], dtype=torch.long)
     logit_index = torch.tensor([index[i][0] * L + x for i in range(len(completion_ids)) for x in index[i][1]],
                                dtype=torch.long)
     attention = None
