@@ -36,6 +36,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
 
 import rewards
 
@@ -155,9 +158,9 @@ class Args:
     """pack each micro-batch's sequences into rows without padding (position ids restart per sequence, attention
     never crosses sequences); the same log-probs as padded rows; --no-padding-free pads"""
     share_prompts: bool = True
-    """with --padding-free, the completions of a prompt in a micro-batch follow one copy of it and attend to it (a 4D
-    attention mask, sdpa), so the prompt is computed once instead of once per completion; the same log-probs and
-    gradients; --no-share-prompts: a copy per completion"""
+    """with --padding-free, the completions of a prompt in a micro-batch follow one copy of it and attend to it (sdpa
+    over each prompt and each completion with its prompt), so the prompt is computed once instead of once per
+    completion; the same log-probs and gradients; --no-share-prompts: a copy per completion"""
     micro_batch_by_tokens: bool = True
     """form the micro-batches of an optimizer step with balanced token counts instead of equal sequence counts
     (the loss does not depend on the split); --no-micro-batch-by-tokens: consecutive sequences"""
@@ -275,12 +278,17 @@ def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bo
     T = ids.shape[1]
     if "logit_index" in batch:  # packed rows (pack): only the positions that predict a completion token reach lm_head
         index = batch["logit_index"]  # [N]
-        head = getattr(model, "module", model).get_output_embeddings()  # the DeepSpeed engine's model, or the model
-        keep = head.register_forward_pre_hook(lambda _, inputs: (inputs[0].flatten(0, 1)[index].unsqueeze(0),))
+        inner = getattr(model, "module", model)  # the DeepSpeed engine's model, or the model
+        shared = {"shared_prompts": batch["shared_prompts"]} if "shared_prompts" in batch else {}
+        if shared and inner.config._attn_implementation != SHARED_PROMPT_ATTENTION:  # sdpa would ignore the segments
+            raise RuntimeError("shared-prompt rows need the model's attention set to shared_prompt_attention: "
+                               "model.set_attn_implementation(SHARED_PROMPT_ATTENTION) (setup_models does)")
+        keep = inner.get_output_embeddings().register_forward_pre_hook(
+            lambda _, inputs: (inputs[0].flatten(0, 1)[index].unsqueeze(0),))
         try:
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                           attention_mask=batch["attention_mask"], logits_to_keep=0,
-                           use_cache=False).logits  # [1, N, V]: the N completion tokens, sequence by sequence
+                           attention_mask=batch["attention_mask"], logits_to_keep=0, use_cache=False,
+                           **shared).logits  # [1, N, V]: the N completion tokens, sequence by sequence
         finally:
             keep.remove()
         mask = batch["completion_mask"].bool()  # [B, T]
@@ -337,14 +345,13 @@ class Rollout:
     ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref, when β > 0; 0 on padding
     pack_rows: int = 0  # micro-batches as padding-free rows of at most this many tokens; 0: padded
     share_prompts: bool = False  # packed rows hold each prompt once, followed by its completions
-    hidden_size: int = 1024  # the model's, for pack's choice of how many completions share a prompt copy
 
     def micro_batch(self, ix: list, device) -> dict:
         """Rows `ix` as model inputs (collate, or pack into rows of at most pack_rows tokens), with their rows of the
         [n, T] tensors cut to their longest completion."""
         prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
         batch = collate(prompts, completions, self.pad_id, device) if not self.pack_rows else \
-            pack(prompts, completions, self.pad_id, self.pack_rows, device, self.share_prompts, self.hidden_size)
+            pack(prompts, completions, self.pad_id, self.pack_rows, device, self.share_prompts)
         width = batch["completion_ids"].shape[1]
         cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
         batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
@@ -473,85 +480,106 @@ def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict
     return {k: v.to(device) for k, v in batch.items()} | {"tokens": int(attention.sum())}
 
 
-def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device,
-         share_prompts: bool = False, hidden_size: int = 1024) -> dict:
+def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device, share_prompts: bool = False) -> dict:
     """A padding-free micro-batch: each sequence (prompt + completion) goes into the first row with room, rows of at
     most row_len tokens and no longer than the longest sequence ([R, L]). Position ids restart at each sequence, and
     with no attention mask transformers builds a block-causal mask from them, so attention never crosses sequences.
-    share_prompts: the completions of one prompt follow a single copy of it ([prompt, c1, c2, ...]: a unit; as many
-    units per prompt as cost least for a model of hidden_size), each completion's positions continuing the
-    prompt's, and a 4D attention mask ([R, 1, L, L], True: attend) lets each completion see the prompt and itself
-    only; units go first-fit into rows of at most row_len tokens and no longer than the longest unit.
+    share_prompts: the completions of one prompt follow a single copy of it ([prompt, c1, c2, ...]: a unit), each
+    completion's positions continuing the prompt's; the units go end to end in one row, and `shared_prompts` holds
+    the attention segments shared_prompt_attention computes (attention_segments): each prompt over itself, each
+    completion over its prompt and itself, never a sibling.
     logit_index: the flat positions of [R, L] whose logits predict the completion tokens, sequence by sequence;
     tokens: the positions holding a token; completion_ids and completion_mask as collate's ([B, T])."""
-    if share_prompts:  # docs/algorithms.md (6.7): a prompt's completions in the units that cost least
-        by_prompt, units = {}, []  # units: [prompt, its sequences, tokens]
+    if share_prompts:  # docs/algorithms.md (6.7): one copy of each prompt, all its completions after it
+        by_prompt = {}
         for i, p in enumerate(prompt_ids):
             by_prompt.setdefault(tuple(p), []).append(i)
-        for members in by_prompt.values():
-            p, best = prompt_ids[members[0]], None
-            longest_first = sorted(members, key=lambda i: -len(completion_ids[i]))
-            for k in range(1, len(members) + 1):  # k units: the longest completion first, each to the lightest unit
-                parts, load = [[] for _ in range(k)], [0] * k
-                for i in longest_first:
-                    u = min(range(k), key=lambda u: load[u])
-                    parts[u].append(i)
-                    load[u] += len(completion_ids[i])
-                # (6.7): a unit of L positions costs L (its linear layers) + L² / (6 · hidden) (its masked attention)
-                cost = sum((len(p) + n) * (1 + (len(p) + n) / (6 * hidden_size)) for n in load)
-                if best is not None and cost >= best[0]:
-                    break
-                best = (cost, [[p, sorted(part), len(p) + n] for part, n in zip(parts, load)])
-            units += best[1]
+        units = [[prompt_ids[m[0]], m, len(prompt_ids[m[0]]) + sum(len(completion_ids[i]) for i in m)]
+                 for m in by_prompt.values()]
+        row_len = sum(n for _, _, n in units)  # (6.7): attention is per segment, a row's width costs nothing
     else:
         units = [[p, [i], len(p) + len(c)] for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
-    # (6.7): rows no wider than the longest unit (sequence), so packing never computes more positions than padding,
-    # and a row's dense attention (CPU, sdpa: L² per row) never spans more than its longest unit's
-    row_len = min(row_len, max(n for _, _, n in units))
-    rows, seq_pos, unit_of, member_of, index = [], [], [], [], {}
+        # (6.7): rows no wider than the longest sequence, so packing never computes more positions than padding,
+        # and a row's dense attention (CPU, sdpa: L² per row) never spans more than its longest sequence's
+        row_len = min(row_len, max(n for _, _, n in units))
+    rows, seq_pos, index, prompt_segments, completion_segments = [], [], {}, [], []
     for p, members, n in units:
         r = next((k for k, row in enumerate(rows) if len(row) + n <= row_len), len(rows))
         if r == len(rows):
             rows.append([])
             seq_pos.append([])
-            unit_of.append([])
-            member_of.append([])
         start = len(rows[r])
         rows[r] += p
         seq_pos[r] += list(range(len(p)))
-        unit_of[r] += [start] * len(p)  # a unit is named by its start in the row
-        member_of[r] += [-1] * len(p)  # the prompt, seen by all its completions
+        prompt = list(range(start, start + len(p)))  # row positions (shared prompts: one row, so flat ones)
+        if p:
+            prompt_segments.append((prompt, prompt))
         for i in members:
             c = completion_ids[i]
+            own = list(range(len(rows[r]), len(rows[r]) + len(c)))
             # its first token is predicted at the prompt's last position, each later one at the token before it
-            index[i] = (r, ([start + len(p) - 1] + list(range(len(rows[r]), len(rows[r]) + len(c) - 1)))[: len(c)])
-            unit_of[r] += [start] * len(c)
-            member_of[r] += [i] * len(c)
+            index[i] = (r, ([start + len(p) - 1] + own[:-1])[: len(c)])
+            if c:
+                completion_segments.append((own, prompt + own))
             rows[r] += c
             seq_pos[r] += list(range(len(p), len(p) + len(c)))
     L = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), L), dtype=torch.long)
-    unit = torch.full((len(rows), L), -1, dtype=torch.long)  # trailing padding: a block of its own
-    member = torch.full((len(rows), L), -1, dtype=torch.long)  # -1: a prompt (or padding), else its sequence
     for r, (row, pos) in enumerate(zip(rows, seq_pos)):
         input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
         position_ids[r] = torch.tensor(pos + list(range(L - len(row))))
-        unit[r, : len(row)] = torch.tensor(unit_of[r], dtype=torch.long)
-        member[r, : len(row)] = torch.tensor(member_of[r], dtype=torch.long)
     logit_index = torch.tensor([index[i][0] * L + x for i in range(len(completion_ids)) for x in index[i][1]],
                                dtype=torch.long)
-    attention = None
-    if share_prompts:  # key k is seen from query q: same unit, not later, and the prompt or q's own completion
-        unit, member = unit.to(device), member.to(device)  # the [R, L, L] masks are made where they are used
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # [L, L]
-        same_unit = unit[:, :, None] == unit[:, None, :]  # [R, L, L]
-        visible = (member[:, None, :] == -1) | (member[:, :, None] == member[:, None, :])  # [R, L, L]
-        attention = (same_unit & visible & causal).unsqueeze(1)  # [R, 1, L, L]
     batch = collate([[]] * len(completion_ids), completion_ids, pad_id, "cpu")  # completion ids and mask, [B, T]
-    batch.update(input_ids=input_ids, position_ids=position_ids, logit_index=logit_index, attention_mask=attention,
+    batch.update(input_ids=input_ids, position_ids=position_ids, logit_index=logit_index, attention_mask=None,
                  tokens=sum(len(row) for row in rows))
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if share_prompts:
+        # a 4D mask is taken as given, so transformers builds no [L, L] mask of its own: this one-element mask stands
+        # in, unread; shared_prompt_attention masks each segment itself
+        batch["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+        batch["shared_prompts"] = [attention_segments(s, device) for s in (prompt_segments, completion_segments) if s]
+    return batch
+
+
+def attention_segments(segments: list, device) -> tuple:
+    """One sdpa call over S segments, each (query positions, key positions) with the queries the last of the keys
+    and each query seeing the keys up to itself: [S, Lq] query and [S, Lk] key positions (padded with their first),
+    the [S, 1, Lq, Lk] mask (True: attend) and [S, Lq] which query slots are real (docs/algorithms.md (6.7))."""
+    n_q = torch.tensor([len(q) for q, _ in segments], device=device)  # [S]
+    n_k = torch.tensor([len(k) for _, k in segments], device=device)  # [S]
+    Lq, Lk = int(n_q.max()), int(n_k.max())
+    q_index = torch.tensor([q + q[:1] * (Lq - len(q)) for q, _ in segments], device=device)  # [S, Lq]
+    kv_index = torch.tensor([k + k[:1] * (Lk - len(k)) for _, k in segments], device=device)  # [S, Lk]
+    j = torch.arange(Lq, device=device)
+    # query j is key n_k - n_q + j: it sees the keys up to there (a padded query sees every key: never an empty row)
+    mask = torch.arange(Lk, device=device)[None, None, :] <= (n_k - n_q)[:, None, None] + j[None, :, None]
+    return q_index, kv_index, mask.unsqueeze(1), j[None, :] < n_q[:, None]  # ..., [S, 1, Lq, Lk], [S, Lq]
+
+
+SHARED_PROMPT_ATTENTION = "grpo_shared_prompts"
+
+
+def shared_prompt_attention(module, query, key, value, attention_mask, shared_prompts=None, **kwargs):
+    """The attention of a model trained with --share-prompts (a transformers attention function): sdpa over each of
+    pack's attention segments, so a completion attends to its prompt and its own earlier tokens only and no position
+    pair outside a segment is computed (docs/algorithms.md (6.7)); any other call (e.g. transformers generate) is
+    plain sdpa. query [R, H, L, D], key and value [R, H_kv, L, D]; returns [R, L, H, D] as sdpa's."""
+    if shared_prompts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    R, H, L, D = query.shape
+    flat = [x.transpose(1, 2).flatten(0, 1) for x in (query, key, value)]  # [R·L, heads, D] each
+    out = query.new_zeros(R * L, H, D)
+    for q_index, kv_index, mask, real in shared_prompts:
+        q, k, v = (x[i].transpose(1, 2) for x, i in zip(flat, (q_index, kv_index, kv_index)))  # [S, heads, len, D]
+        o, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)  # [S, Lq, H, D]
+        out = out.index_put((q_index[real],), o[real])
+    return out.view(R, L, H, D), None
+
+
+AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
+AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)  # the masks of sdpa for every other call
 
 
 def score(reward_funcs: list, names: list, examples: list, completions: list, completion_ids: list, G: int):
@@ -916,8 +944,10 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     if args.share_prompts and policy.config._attn_implementation != "sdpa":
-        raise SystemExit(f"--share-prompts needs sdpa attention (a 4D attention mask); {args.model} loaded "
+        raise SystemExit(f"--share-prompts computes attention with sdpa; {args.model} loaded "
                          f"{policy.config._attn_implementation!r}: pass --no-share-prompts")
+    if args.share_prompts:  # docs/algorithms.md (6.7): pack's shared-prompt rows, attention segment by segment
+        policy.set_attn_implementation(SHARED_PROMPT_ATTENTION)
     if args.gradient_checkpointing == "on":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.zero_stage == 3 and args.zero3_leaf_layers:
@@ -935,6 +965,8 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
         # no autograd graph in the reference's forward: nothing for DeepSpeed's memory-efficient Linear to save
         ref_config["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0, "memory_efficient_linear": False}
         ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        if args.share_prompts:
+            ref_model.set_attn_implementation(SHARED_PROMPT_ATTENTION)
         if args.zero_stage == 3 and args.zero3_leaf_layers:
             zero3_leaf_layers(ref_model)
         ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
@@ -1387,8 +1419,7 @@ def main() -> None:
         rollout = Rollout(prompt_ids=[p for p in prompt_ids for _ in range(G)], completion_ids=completion_ids,
                           advantages=advantages.float(), loss_mask=loss_mask, pad_id=tokenizer.pad_token_id,
                           pack_rows=args.max_prompt_length + args.max_completion_length if args.padding_free else 0,
-                          share_prompts=args.share_prompts,
-                          hidden_size=engine.module.config.get_text_config().hidden_size)
+                          share_prompts=args.share_prompts)
         shuffle_generator = torch.Generator().manual_seed(request_seed(args.seed, step, rank, 7))
         sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, completion_ids)]
         plan = update_plan(len(completion_ids), args, shuffle_generator, sizes,

@@ -403,9 +403,9 @@ def test_packed_rows_are_never_wider_than_the_longest_sequence(algo):
 
 @each
 def test_shared_prompts_give_the_padded_logprobs_and_gradient(algo, tiny_model):
-    """--share-prompts: each prompt once per packed row, its completions attending to it through a 4D mask, gives
-    the per-token log-probs, entropy and gradient of padded rows, with fewer positions computed: with attention
-    priced at nothing, one unit per prompt (prompt 0's: 31 tokens, a row of its own); priced high, several."""
+    """--share-prompts: each prompt once per micro-batch, its completions attending to it through
+    shared_prompt_attention's segments, gives the per-token log-probs, entropy and gradient of padded rows with fewer
+    positions computed; also when a prompt's completions are split over two micro-batches (a copy in each)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(5, 200, (k,), generator=g).tolist() for k in (5, 3, 6)]
@@ -415,55 +415,60 @@ def test_shared_prompts_give_the_padded_logprobs_and_gradient(algo, tiny_model):
                            completion_ids=[torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths],
                            advantages=torch.randn(8, generator=g), loss_mask=algo.completion_mask(lengths))
     weights = torch.randn(8, 9, generator=g)
+    with pytest.raises(RuntimeError, match="set_attn_implementation"):  # plain sdpa would ignore the segments
+        rollout.pack_rows, rollout.share_prompts = 24, True
+        algo.completion_logprobs(model, rollout.micro_batch(list(range(8)), "cpu"), 0.8)
+    model.set_attn_implementation(algo.SHARED_PROMPT_ATTENTION)  # padded rows: its plain-sdpa path
     results = []
-    for rows, share, hidden in ((0, False, 0), (24, True, 10**6), (24, True, 1)):
-        rollout.pack_rows, rollout.share_prompts, rollout.hidden_size = rows, share, hidden
-        batch = rollout.micro_batch(list(range(8)), "cpu")
-        assert (batch["attention_mask"].dim() == 4) == share
+    for rows, share, parts in ((0, False, [range(8)]), (24, True, [range(8)]), (24, True, [range(3), range(3, 8)])):
+        rollout.pack_rows, rollout.share_prompts = rows, share
         model.zero_grad()
-        logp, entropy = algo.completion_logprobs(model, batch, 0.8, with_entropy=True, chunk_size=4)
-        (logp * weights[:, : logp.shape[1]] * batch["completion_mask"]).sum().backward()
-        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], batch))
+        logps, entropies, tokens = torch.zeros(8, 9), torch.zeros(8, 9), 0
+        for ix in parts:
+            batch = rollout.micro_batch(list(ix), "cpu")
+            assert ("shared_prompts" in batch) == share
+            logp, entropy = algo.completion_logprobs(model, batch, 0.8, with_entropy=True, chunk_size=4)
+            (logp * weights[list(ix), : logp.shape[1]] * batch["completion_mask"]).sum().backward()
+            logps[list(ix), : logp.shape[1]], entropies[list(ix), : logp.shape[1]] = logp.detach(), entropy.detach()
+            tokens += batch["tokens"]
+        results.append((logps, entropies, [p.grad.clone() for p in model.parameters()], tokens))
     (a, ent_a, grad_a, padded), *shared = results
-    mask = padded["completion_mask"].bool()
+    mask = algo.completion_mask(lengths).bool()
+    mask = torch.cat([mask, torch.zeros(8, 9 - mask.shape[1], dtype=torch.bool)], 1)
     for b, ent_b, grad_b, _ in shared:
         assert torch.allclose(a[mask], b[mask], atol=1e-5) and (b[~mask] == 0).all()
         assert torch.allclose(ent_a[mask], ent_b[mask], atol=1e-4)
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grad_a, grad_b))
     real = sum(len(p) for p in prompt_ids) + sum(lengths)
-    one_copy, split = shared[0][3]["tokens"], shared[1][3]["tokens"]
-    assert padded["tokens"] == real and one_copy == real - 4 * 5 - 1 * 3  # prompt 0 once, not 5 times; 1 once
-    assert one_copy < split < real  # attention priced high: prompt 0's completions split over units
+    one_copy, two_copies = shared[0][3], shared[1][3]
+    assert padded == real and one_copy == real - 4 * 5 - 1 * 3  # prompt 0 once, not 5 times; prompt 1 once
+    assert two_copies == one_copy + 5  # prompt 0's completions in both micro-batches: a copy in each
 
 
 @each
 def test_shared_prompt_layout(algo):
-    """[prompt, its completions...] per unit: positions continue the prompt's in each completion, the first token
-    of each completion is predicted from the prompt's last position, and a completion sees its prompt and itself."""
-    # a model whose attention costs nothing beside its linear layers: one unit per prompt, [1, 2] + [7, 8], [10],
-    # [11, 12] (7 tokens: longer than a row of 6, a row of its own); then [3] + [9, 4]
+    """[prompt, its completions...] per prompt, end to end in one row: positions continue the prompt's in each
+    completion, the first token of each completion is predicted from the prompt's last position, and the attention
+    segments let each prompt see itself and each completion its prompt and itself, never later keys."""
     batch = algo.pack([[1, 2], [3], [1, 2], [1, 2]], [[7, 8], [9, 4], [10], [11, 12]], 0, 6, "cpu",
-                      share_prompts=True, hidden_size=10**6)
-    assert batch["input_ids"].tolist() == [[1, 2, 7, 8, 10, 11, 12], [3, 9, 4, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3], [0, 1, 2, 0, 1, 2, 3]]
-    assert batch["logit_index"].tolist() == [1, 2, 7, 8, 1, 1, 5]  # sequence by sequence, row-major
+                      share_prompts=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 7, 8, 10, 11, 12, 3, 9, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3, 0, 1, 2]]
+    assert batch["logit_index"].tolist() == [1, 2, 7, 8, 1, 1, 5]  # sequence by sequence
     assert batch["tokens"] == 10 and batch["completion_mask"].tolist() == [[1, 1], [1, 1], [1, 0], [1, 1]]
-    seen = batch["attention_mask"][:, 0]  # [R, L, L]: seen[r, q, k]
-    assert seen[0, 4].tolist() == [True, True, False, False, True, False, False]  # 10: its prompt, itself
-    assert seen[0, 6].tolist() == [True, True, False, False, False, True, True]  # 12: its prompt, 11, itself
-    assert seen[1, 2].tolist() == [True, True, True, False, False, False, False]
-    assert seen[1, 4].tolist() == [False, False, False, True, True, False, False]  # padding: a block of its own
-    assert (seen.tril() == seen).all()  # never a later key
-    # (6.7): a unit of L positions costs L + L² / (6 · hidden); with 3 completions of 20 after a prompt of 2 and
-    # hidden 1, one unit (62 + 62² / 6) costs more than three (3 · (22 + 22² / 6)): a prompt copy per completion
-    long = [list(range(5, 25)), list(range(25, 45)), list(range(45, 65))]
-    assert algo.pack([[1, 2]] * 3, long, 0, 100, "cpu", share_prompts=True, hidden_size=1)["tokens"] == 66
-    assert algo.pack([[1, 2]] * 3, long, 0, 100, "cpu", share_prompts=True, hidden_size=10**6)["tokens"] == 62
-    # rows no wider than the longest unit: two units of 8 and 7 tokens are two rows of 8, not one of 15, whose dense
-    # attention would span both
-    two = algo.pack([[1, 2], [1, 2], [3, 4, 5], [3, 4, 5]], [[6] * 3, [7] * 3, [8] * 2, [9] * 2], 0, 100, "cpu",
-                    share_prompts=True, hidden_size=10**6)
-    assert list(two["input_ids"].shape) == [2, 8] and two["tokens"] == 15
+    (pq, pk, pm, preal), (cq, ck, cm, creal) = batch["shared_prompts"]
+
+    def seen(q, k, m, real):  # each real query position → the key positions it attends to
+        return {int(q[s, j]): sorted(int(k[s, x]) for x in range(k.shape[1]) if m[s, 0, j, x])
+                for s in range(q.shape[0]) for j in range(q.shape[1]) if real[s, j]}
+
+    assert seen(pq, pk, pm, preal) == {0: [0], 1: [0, 1], 7: [7]}
+    assert seen(cq, ck, cm, creal) == {2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 4], 5: [0, 1, 5], 6: [0, 1, 5, 6],
+                                       8: [7, 8], 9: [7, 8, 9]}
+    # every padded query slot sees a key (no empty softmax row), and the transformers mask stands in, one element
+    assert pm.any(-1).all() and cm.any(-1).all() and batch["attention_mask"].numel() == 1
+    assert algo.pack([[1, 2], [3]], [[7, 8], []], 0, 6, "cpu", share_prompts=True)["tokens"] == 5  # empty completion
+    assert "shared_prompts" not in algo.pack([[1, 2], [3]], [[7, 8], [4]], 0, 6, "cpu")
 
 
 @each
