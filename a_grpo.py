@@ -594,14 +594,14 @@ def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, devi
         rows[r] += p
         seq_pos[r] += list(range(len(p)))
         prompt = list(range(start, start + len(p)))  # row positions (shared prompts: one row, so flat ones)
-        if p:
+        if share_prompts and p:
             prompt_segments.append((prompt, prompt))
         for i in members:
             c = completion_ids[i]
             own = list(range(len(rows[r]), len(rows[r]) + len(c)))
             # its first token is predicted at the prompt's last position, each later one at the token before it
             index[i] = (r, ([start + len(p) - 1] + own[:-1])[: len(c)])
-            if c:
+            if share_prompts and c:
                 completion_segments.append((own, prompt + own))
             rows[r] += c
             seq_pos[r] += list(range(len(p), len(p) + len(c)))
@@ -982,9 +982,9 @@ def resolve_engine_flags(args: Args, on_gpu: bool, vllm_importable: bool) -> lis
 
 
 def prompt_sharing_unsupported(config) -> Optional[str]:
-    """Why the model's attention cannot take pack's shared-prompt mask, or None. The 4D mask replaces the one the
-    model would build, so it is exact only where that one is plain causal: no sliding window (docs/algorithms.md
-    (6.7)). A multimodal model's text config holds its layers."""
+    """Why the model's attention cannot be computed by shared_prompt_attention, or None. Its segments replace the
+    mask the model would build, so they are exact only where that one is plain causal: no sliding window
+    (docs/algorithms.md (6.7)). A multimodal model's text config holds its layers."""
     config = config.get_text_config()
     windows = [t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"]
     if windows or (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
