@@ -10,12 +10,13 @@ import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
 
-import gc
 import json
 import math
+import multiprocessing
 import statistics
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal, Optional
 
@@ -359,6 +360,37 @@ def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list) -> list:
     return [[(list(o.token_ids), o.text) for o in out.outputs] for out in outs]
 
 
+def vllm_samples(model_name: str, prompt_ids: dict, args: Args, stop_ids: list) -> dict:
+    """Every data set's samples from one vLLM engine of the model. main() runs it in a child process per model: an
+    engine released in-process leaves memory behind, and vLLM's CPU build then sizes the next model's KV cache from
+    what is left (RAM × utilization − this process's memory), too small to start."""
+    from vllm import LLM
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    memory = args.vllm_gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.3)
+    # chunked prefill off on CPU: vLLM 0.32's CPU build crashes on a seeded request whose
+    # prefill is chunked ("CPU Generator does not use offset")
+    engine = LLM(
+        model=model_name,
+        dtype=dtype,
+        seed=args.seed,
+        generation_config="vllm",
+        gpu_memory_utilization=memory,
+        enable_chunked_prefill=None if torch.cuda.is_available() else False,
+    )
+    return {name: generate_vllm(engine, ids, args, stop_ids) for name, ids in prompt_ids.items()}
+
+
+def hf_samples(model_name: str, tokenizer, prompt_ids: dict, args: Args, stop_ids: list) -> dict:
+    """As vllm_samples, with transformers, in this process."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model.to(device).eval()
+    return {name: generate_hf(model, tokenizer, ids, args, stop_ids) for name, ids in prompt_ids.items()}
+
+
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list) -> list:
     """As generate_vllm, with transformers: a completion is cut after its first stop id."""
@@ -396,6 +428,42 @@ def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list) 
 
 
 # --- main -----------------------------------------------------------------------------------------
+
+
+def write_results(results: dict, args: Args) -> tuple[list, str]:
+    """results.json and results.md (the table a paper would print, with the protocol next to the numbers), written
+    under temporary names and renamed; returns the table's columns and text."""
+    n = args.n
+    cols = (
+        [f"avg@{n}"]
+        + [f"pass@{k}" for k in ks_for(n) if k > 1]
+        + [f"maj@{n}", "tokens_mean", "tokens_median", "tokens_correct_mean", "problems", "rows_skipped"]
+    )
+    lines = [
+        f"Protocol: template={args.template}, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
+        f"max_tokens={args.max_tokens}, seed={args.seed}"
+        + (f", limit={args.limit}" if args.limit else "")
+        + (", last-number fallback" if args.last_number_fallback else ""),
+        "",
+        "| model | data set | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 2),
+    ]
+    for model_name, per_data in results["results"].items():
+        for name, s in per_data.items():
+            cells = [
+                f"{100 * s[c]:.1f}"
+                if c.startswith(("avg@", "pass@", "maj@"))
+                else (f"{s[c]:.0f}" if isinstance(s[c], (int, float)) and not math.isnan(s[c]) else "-")
+                for c in cols
+            ]
+            lines.append(f"| {model_name} | {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    for name, text in (("results.json", json.dumps(results, indent=2)), ("results.md", table + "\n")):
+        path = os.path.join(args.output_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return cols, table
 
 
 def main() -> None:
@@ -442,34 +510,14 @@ def main() -> None:
     results = {"settings": asdict(args), "date": time.strftime("%Y-%m-%d %H:%M"), "results": {}}
     for model_name in tqdm(args.model, desc="models"):
         tokenizer, stop_ids, model_prompts, model_prompt_ids = prepared[model_name]
-        if args.use_vllm:
-            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            memory = args.vllm_gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.3)
-            # chunked prefill off on CPU: vLLM 0.32's CPU build crashes on a seeded request whose
-            # prefill is chunked ("CPU Generator does not use offset")
-            engine = LLM(
-                model=model_name,
-                dtype=dtype,
-                seed=args.seed,
-                generation_config="vllm",
-                gpu_memory_utilization=memory,
-                enable_chunked_prefill=None if torch.cuda.is_available() else False,
-            )
+        if args.use_vllm:  # a child process per model gives all of its engine's memory back when it ends
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+                samples = child.submit(vllm_samples, model_name, model_prompt_ids, args, stop_ids).result()
         else:
-            from transformers import AutoModelForCausalLM
-
-            engine = AutoModelForCausalLM.from_pretrained(
-                model_name, dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16
-            )
-            engine.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+            samples = hf_samples(model_name, tokenizer, model_prompt_ids, args, stop_ids)
         for name, (problems, skipped) in data.items():
-            prompts, prompt_ids = model_prompts[name], model_prompt_ids[name]
-            if args.use_vllm:
-                samples = generate_vllm(engine, prompt_ids, args, stop_ids)
-            else:
-                samples = generate_hf(engine, tokenizer, prompt_ids, args, stop_ids)
             rows = []
-            for p, prompt, outs in zip(problems, prompts, samples):
+            for p, prompt, outs in zip(problems, model_prompts[name], samples[name]):
                 texts = [t for _, t in outs]
                 rows.append(
                     {
@@ -492,41 +540,8 @@ def main() -> None:
             with open(os.path.join(args.output_dir, f"{safe}__{label}.jsonl"), "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
-        del engine
-        gc.collect()
-
-    # the table a paper would print, with the protocol next to the numbers
-    n = args.n
-    cols = (
-        [f"avg@{n}"]
-        + [f"pass@{k}" for k in ks_for(n) if k > 1]
-        + [f"maj@{n}", "tokens_mean", "tokens_median", "tokens_correct_mean", "problems", "rows_skipped"]
-    )
-    lines = [
-        f"Protocol: template={args.template}, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
-        f"max_tokens={args.max_tokens}, seed={args.seed}"
-        + (f", limit={args.limit}" if args.limit else "")
-        + (", last-number fallback" if args.last_number_fallback else ""),
-        "",
-        "| model | data set | " + " | ".join(cols) + " |",
-        "|" + "---|" * (len(cols) + 2),
-    ]
-    for model_name, per_data in results["results"].items():
-        for name, s in per_data.items():
-            cells = [
-                f"{100 * s[c]:.1f}"
-                if c.startswith(("avg@", "pass@", "maj@"))
-                else (f"{s[c]:.0f}" if isinstance(s[c], (int, float)) and not math.isnan(s[c]) else "-")
-                for c in cols
-            ]
-            lines.append(f"| {model_name} | {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+        cols, table = write_results(results, args)  # after every model: a later failure loses nothing
     print(table)
-    with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
     if args.track:
         import wandb
 

@@ -272,3 +272,41 @@ def test_vllm_seeded_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
     )
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["results"][tiny_model]["long.jsonl"]["problems"] == 24
+
+
+def test_results_are_written_after_each_model(tiny_model, tiny_untied_model, monkeypatch, tmp_path):
+    """A failure while the second model generates keeps the first model's scores in results.json (they were
+    lost before: only its completions file had been written)."""
+    data = write_jsonl(str(tmp_path / "q.jsonl"), [{"question": "What is 2 + 3?", "answer": "#### 5"}])
+    out = tmp_path / "out"
+    real = ev.hf_samples
+
+    def second_model_fails(model_name, *a, **k):
+        if model_name == tiny_untied_model:
+            raise RuntimeError("the second engine did not start")
+        return real(model_name, *a, **k)
+
+    monkeypatch.setattr(ev, "hf_samples", second_model_fails)
+    argv = ["eval.py", "--model", tiny_model, "--model", tiny_untied_model, "--datasets", data, "--no-use-vllm",
+            "--n", "2", "--temperature", "1.0", "--max-tokens", "4", "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(RuntimeError):
+        ev.main()
+    with open(out / "results.json") as f:
+        assert list(json.load(f)["results"]) == [tiny_model]
+    assert tiny_model in (out / "results.md").read_text()
+
+
+@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+def test_end_to_end_vllm_two_models(tiny_model, tiny_untied_model, tmp_path):
+    """Each model's engine runs in a child process of its own, which gives all of its memory back before the next
+    starts (an engine released in-process left memory behind: a second SmolLM2 engine could not size its KV cache)."""
+    data = write_jsonl(str(tmp_path / "q.jsonl"), [{"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"}
+                                                    for a in range(3)])
+    out = str(tmp_path / "out")
+    run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--model", tiny_untied_model, "--datasets", data,
+                "--n", "2", "--temperature", "1.0", "--max-tokens", "4", "--output-dir", out], cwd=str(tmp_path))
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)["results"]
+    assert list(results) == [tiny_model, tiny_untied_model]
+    assert all(results[m]["q.jsonl"]["problems"] == 3 and results[m]["q.jsonl"]["tokens_mean"] > 0 for m in results)
