@@ -130,6 +130,9 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 disables)"""
+    skip_no_signal: bool = True
+    """[ours] make no optimizer step (nor a schedule step) when no completion in it has a non-zero advantage on any
+    rank (docs/algorithms.md (6.9))"""
     total_steps: int = 1000
     """training steps (one step = generate, score, μ × mini-batches optimizer steps)"""
     max_generated_tokens: int = 0
@@ -193,9 +196,10 @@ class Args:
     """EMA rate of the reference entropy H_ref (controller.entropy_ref_ema_alpha)"""
     drift_rate: float = 0.1
     """EMA rate of the drift D̄ (controller.ema_alpha)"""
-    controller_update: Literal["step", "prompt"] = "step"
+    controller_update: Literal["step", "microbatch"] = "step"
     """[ours] step: Ū, H_ref, D̄ move once per step from the mean over every rank's prompts, so the result depends
-    neither on prompt order nor on the number of ranks; prompt: the authors' (after each prompt, per rank)"""
+    neither on prompt order nor on the number of ranks; microbatch: the authors' (after each micro-batch of
+    micro_batch_size // G prompts, per rank)"""
     vote_key: Literal["balanced", "authors"] = "balanced"
     """[ours] balanced: \\boxed{} with balanced braces, thousands commas only; authors: their regex (misses nested
     braces, drops every comma)"""
@@ -265,48 +269,62 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
     return torch.where(valid, adv, torch.zeros_like(adv)).view(-1)
 
 
-def dispersion(rewards: torch.Tensor, mode: str) -> torch.Tensor:
-    """docs/algorithms.md (3.2): d of each group, [P] from rewards [P, G] (NaN = unscorable, left out).
+def dispersion(rewards: torch.Tensor, mode: str, floor: float = 1e-6) -> torch.Tensor:
+    """docs/algorithms.md (3.2): d of each group, [P] from rewards [P, G] (NaN = unscorable, left out), in float64.
 
-    In float64, and a spread below 1e-6 is 0: G equal rewards of 0.3 have a float32 std of ~3e-8,
-    which would start Ū at noise. std: sample std (0 for fewer than 2); mad: 1.4826·median|r − median r|
-    (lower medians, as torch.median); iqr: (q75 − q25)/1.349 (linear quantiles).
+    std: sample std (0 for fewer than 2); mad: 1.4826·median|r − median r| (lower medians, as torch.median);
+    iqr: (q75 − q25)/1.349 (linear quantiles). A robust d ≤ 1e-8 falls back to the std (the authors'). A d below
+    `floor` is 0, for the statistics: G equal rewards of 0.3 have a float32 std of ~3e-8, which would start Ū at
+    noise; the advantage's divisor (3.9) takes floor 0.
     """
     out = []
     for row in rewards.double():
         r = row[~row.isnan()]
-        if mode == "std":
-            d = r.std().item() if len(r) > 1 else 0.0
-        elif mode == "mad":
-            d = 1.4826 * (r - r.median()).abs().median().item() if len(r) else 0.0
-        else:
-            d = (r.quantile(0.75) - r.quantile(0.25)).item() / 1.349 if len(r) else 0.0
-        out.append(d if d >= 1e-6 else 0.0)
+        d = std = r.std().item() if len(r) > 1 else 0.0
+        if mode == "mad" and len(r):
+            d = 1.4826 * (r - r.median()).abs().median().item()
+        elif mode == "iqr" and len(r):
+            d = (r.quantile(0.75) - r.quantile(0.25)).item() / 1.349
+        if d <= 1e-8:  # with 0/1 rewards the MAD is 0 whenever half the group agrees
+            d = std
+        out.append(d if d >= floor else 0.0)
     return torch.tensor(out, dtype=torch.float64)
 
 
-# a number in an answer key: only thousands groups are one number (5.2), and a fraction is one number
-_KEY_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
+# a number in an answer key: only thousands groups are one number (5.2), a fraction is one number, and a leading
+# decimal point stays in the key (".5" and "+.5" are not the answer "5"; a "+" sign is dropped)
+_KEY_NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)(?:/\d+)?")
+
+
+def last_closed_box(text: str):
+    """The content of the last \\boxed{…} that is closed and not empty (a truncated or empty last box is skipped)."""
+    end = len(text)
+    while end > 0:
+        box = rewards.last_boxed(text[:end])
+        if box:
+            return box
+        end = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+    return None
 
 
 def answer_key(text: str, mode: str = "balanced") -> str:
     """docs/algorithms.md (3.3): the answer a completion votes for, lower-cased: its last \\boxed{…}, else the
     text after its last ####, else its last number, else the whole text with whitespace collapsed.
 
-    mode="balanced" [ours] matches braces and drops thousands commas only; "authors" is their regex
-    (\\boxed{\\frac{1}{2}} → "2", and every comma deleted before the number search: (1,2) → "12").
+    mode="balanced" [ours] matches braces, drops thousands commas only and collapses whitespace in every key;
+    "authors" is their regex (\\boxed{\\frac{1}{2}} → "2", every comma deleted before the number search: (1,2) →
+    "12") and collapses whitespace only in the whole-text key.
     """
-    text = text.strip()
     if mode == "balanced":
-        boxed = rewards.last_boxed(text)
+        boxed = last_closed_box(text)
         numbers = _KEY_NUMBER.findall(text)
         key = boxed if boxed is not None else text.rsplit("####", 1)[1] if "####" in text else \
-            numbers[-1].replace(",", "") if numbers else text
-    else:
-        boxed = re.findall(r"\\boxed\{([^{}]+)\}", text)
-        numbers = re.findall(r"[-+]?\d*\.?\d+(?:/[1-9]\d*)?", text.replace(",", ""))
-        key = boxed[-1] if boxed else text.split("####")[-1] if "####" in text else numbers[-1] if numbers else text
-    return " ".join(key.split()).lower()
+            numbers[-1].replace(",", "").lstrip("+") if numbers else text
+        return " ".join(key.split()).lower()
+    boxed = re.findall(r"\\boxed\{([^{}]+)\}", text)
+    numbers = re.findall(r"[-+]?\d*\.?\d+(?:/[1-9]\d*)?", text.replace(",", ""))
+    key = boxed[-1] if boxed else text.split("####")[-1] if "####" in text else numbers[-1] if numbers else None
+    return key.lower() if key is not None else " ".join(text.split()).lower()
 
 
 def vote_entropy(keys: list) -> float:
@@ -331,42 +349,48 @@ def ema(old: float, new: float, rate: float, initialise: bool = True) -> float:
     return new if initialise and old <= 1e-8 else rate * new + (1 - rate) * old
 
 
-def temperatures(U: torch.Tensor, u_bar: float, args: Args):
-    """docs/algorithms.md (3.7), (3.11): τ_q [P] and c_q [P] of a rank's prompts, and Ū after them.
+def controller_runs(n_prompts: int, args: Args) -> list[slice]:
+    """docs/algorithms.md (3.11): the runs of a rank's prompts that read one snapshot of the controller state.
+    step [ours]: all of them (the state then moves once, from every rank's mean); microbatch (the authors'): each
+    per-device micro-batch of micro_batch_size // G prompts, the state moved after each by its mean."""
+    size = n_prompts if args.controller_update == "step" else max(1, args.micro_batch_size // args.num_generations)
+    return [slice(s, min(s + size, n_prompts)) for s in range(0, n_prompts, size)]
 
-    --controller-update step: every prompt reads the same Ū (the caller then moves Ū once, from the
-    mean over every rank's prompts); prompt (the authors'): Ū moves after each prompt, in order.
-    """
+
+def temperatures(U: torch.Tensor, u_bar: float, args: Args):
+    """docs/algorithms.md (3.7), (3.11): τ_q [P] and c_q [P] of a rank's prompts, and Ū after them (moved per
+    micro-batch with --controller-update microbatch; with step the caller moves it once, over every rank)."""
     c = torch.zeros_like(U)
-    for q in range(len(U)):
+    for run in controller_runs(len(U), args):
         if u_bar > 1e-8:  # c = 0 while Ū is uninitialised
-            c[q] = (U[q] - u_bar) / (u_bar + 1e-8)
-        if args.controller_update == "prompt":
-            u_bar = ema(u_bar, U[q].item(), args.u_bar_rate)
+            c[run] = (U[run] - u_bar) / (u_bar + 1e-8)
+        if args.controller_update == "microbatch":
+            u_bar = ema(u_bar, U[run].mean().item(), args.u_bar_rate)
     tau = torch.clamp(args.tau_base * (1 + args.lambda_temp * c), args.tau_min, args.tau_max)
     return tau, c, u_bar
 
 
 def clip_epsilons(H, E, sigma, kappa, h_ref: float, drift_bar: float, args: Args):
     """docs/algorithms.md (3.8), (3.11): ε_q [P] of a rank's prompts from their entropy H, vote entropy E,
-    dispersion σ_p and skewness κ (each [P]), and H_ref after them (moved per prompt only with
-    --controller-update prompt). An uninitialised H_ref makes the entropy ratio 1."""
+    dispersion σ_p and skewness κ (each [P], float64), and H_ref after them (moved per micro-batch only with
+    --controller-update microbatch). An uninitialised H_ref makes the entropy ratio 1."""
     eps = torch.zeros_like(H)
-    for q in range(len(H)):
-        ratio = H[q] / h_ref if h_ref > 1e-8 else torch.ones(())
+    for run in controller_runs(len(H), args):
+        ratio = H[run] / h_ref if h_ref > 1e-8 else torch.ones_like(H[run])
         ratio = torch.clamp(ratio, args.entropy_ratio_min, args.entropy_ratio_max)
-        denominator = 1 + args.alpha_var * sigma[q] + args.gamma_stepkl * drift_bar + args.zeta_skew * kappa[q].abs()
-        eps[q] = args.eps_base * ratio * (1 + args.delta_probe_entropy * E[q]) / denominator
-        if args.controller_update == "prompt":
-            h_ref = ema(h_ref, H[q].item(), args.entropy_ref_rate)
+        denominator = 1 + args.alpha_var * sigma[run] + args.gamma_stepkl * drift_bar \
+            + args.zeta_skew * kappa[run].abs()
+        eps[run] = args.eps_base * ratio * (1 + args.delta_probe_entropy * E[run]) / denominator
+        if args.controller_update == "microbatch":
+            h_ref = ema(h_ref, H[run].mean().item(), args.entropy_ref_rate)
     return torch.clamp(eps, args.eps_min, args.eps_max), h_ref
 
 
 def move_controllers(controller: dict, uncertainty, H, drift, u_bar: float, h_ref: float, args: Args, device):
     """docs/algorithms.md (3.11): Ū, H_ref and D̄ after a step, in place, from this rank's uncertainty U, entropy H
     and drift D (each [P]). --controller-update step: once, from the mean over every rank's prompts, so the
-    same on every rank; prompt (the authors'): Ū and H_ref as moved prompt by prompt on this rank (u_bar,
-    h_ref), D̄ from this rank's prompts."""
+    same on every rank; microbatch (the authors'): Ū and H_ref as moved micro-batch by micro-batch on this rank
+    (u_bar, h_ref), and D̄ likewise from this rank's drift."""
     step = args.controller_update == "step"
     if args.adaptive_temperature:
         controller["u_bar"] = ema(controller["u_bar"], global_mean(uncertainty, device), args.u_bar_rate) if step \
@@ -374,8 +398,9 @@ def move_controllers(controller: dict, uncertainty, H, drift, u_bar: float, h_re
     if args.adaptive_clip:
         controller["h_ref"] = ema(controller["h_ref"], global_mean(H, device), args.entropy_ref_rate) if step \
             else h_ref
-        drift_mean = global_mean(drift, device) if step else drift.mean().item()
-        controller["drift_bar"] = ema(controller["drift_bar"], drift_mean, args.drift_rate, initialise=False)
+        runs = controller_runs(len(drift), args)
+        for mean in [global_mean(drift, device)] if step else [drift[run].mean().item() for run in runs]:
+            controller["drift_bar"] = ema(controller["drift_bar"], mean, args.drift_rate, initialise=False)
 
 
 def adaptive_advantages(rewards: torch.Tensor, num_generations: int, mode: str) -> torch.Tensor:
@@ -384,7 +409,7 @@ def adaptive_advantages(rewards: torch.Tensor, num_generations: int, mode: str) 
     r = rewards.view(-1, num_generations).double()  # [P, G]
     valid = ~r.isnan()
     mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-    d = dispersion(r, mode).clamp(min=1e-8).unsqueeze(1)  # [P, 1]
+    d = dispersion(r, mode, floor=0.0).clamp(min=1e-8).unsqueeze(1)  # [P, 1]
     return torch.where(valid, (r - mean) / d, 0.0).view(-1)
 
 
@@ -972,6 +997,24 @@ def latest_checkpoint(path: str) -> str:
     return os.path.join(path, max(done, key=lambda d: int(d.split("-")[-1])))
 
 
+def keep_metrics_until(path: str, step: int) -> None:
+    """On --resume: drop the rows of metrics.jsonl past the checkpoint's step (a run killed while saving wrote
+    them), so that the file reads as one run."""
+    if not os.path.isfile(path):
+        return
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line)
+            except (ValueError, KeyError):  # a line cut short by the kill
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
 def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int, rank_state: dict) -> str:
     """A Hugging Face directory (weights, config, tokenizer) plus everything --resume needs
     (`rank_state`: this rank's own, with its RNG states), written under a temporary name and
@@ -1428,9 +1471,11 @@ def prompt_drift(engine, rollout: Rollout, micro_batches: list, G: int, args: Ar
 
 
 def group_token_mean(values: torch.Tensor, mask: torch.Tensor, G: int) -> torch.Tensor:
-    """Mean of values [n, T] over the mask's tokens of each group of G rows; [n / G]."""
-    mask = mask.to(values.device)
-    return ((values * mask).view(-1, G * values.shape[1]).sum(1) / mask.view(-1, G * mask.shape[1]).sum(1)).cpu()
+    """Mean of values [n, T] over the mask's tokens of each group of G rows, in float64 (0 for a group without
+    tokens); [n / G]."""
+    values, mask = values.double(), mask.to(values.device).double()
+    tokens = mask.view(-1, G * mask.shape[1]).sum(1).clamp(min=1)  # [n / G]
+    return ((values * mask).view(-1, G * values.shape[1]).sum(1) / tokens).cpu()
 
 
 def global_mean(values: torch.Tensor, device) -> float:
@@ -1450,18 +1495,22 @@ def global_extremes(values: torch.Tensor, device) -> tuple[float, float]:
 def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Metrics, device) -> None:
     """μ passes over this rank's rollout, each split into optimizer steps, gradients accumulated
     over micro-batches (docs/algorithms.md (1.4))."""
-    world = dist.get_world_size()
+    world, skipped = dist.get_world_size(), 0
     for it, optimizer_steps in enumerate(plan):
         for micro_batches in optimizer_steps:
             # (1.4): the normalisers count the sequences and tokens in the loss of the whole optimizer
             # step, over every micro-batch and every rank
             rows = [i for ix in micro_batches for i in ix]
             in_loss = rollout.loss_mask[rows]  # [rows, T]
-            counts = torch.tensor([in_loss.any(1).sum().item(), in_loss.sum().item()], dtype=torch.float64,
-                                  device=device)
+            signal = in_loss.any(1) & (rollout.advantages[rows] != 0)  # [rows]: in the loss with A ≠ 0
+            counts = torch.tensor([in_loss.any(1).sum().item(), in_loss.sum().item(), signal.sum().item()],
+                                  dtype=torch.float64, device=device)
             dist.all_reduce(counts)
-            num_seqs, num_tokens = int(counts[0].item()), int(counts[1].item())
+            num_seqs, num_tokens, num_signal = (int(c) for c in counts.tolist())
             if num_tokens == 0:  # no token of this optimizer step is in the loss: nothing to learn, no update
+                continue
+            if num_signal == 0 and args.skip_no_signal:  # (6.9): else a KL or entropy term alone gets an Adam step
+                skipped += 1
                 continue
             loss_sum = 0.0
             for ix in micro_batches:
@@ -1496,6 +1545,7 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics.add("grad_norm", float(grad_norm), 1.0)
+    metrics.add("update/skipped_steps", skipped, 1.0)  # the same on every rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1599,6 +1649,8 @@ def main() -> None:
         log("generating with transformers generate (no vLLM)")
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if resume_dir and rank == 0:
+        keep_metrics_until(metrics_path, state["step"])
     progress = tqdm(range(state["step"], args.total_steps), initial=state["step"], total=args.total_steps,
                     disable=rank != 0)
     for step in progress:
@@ -1680,7 +1732,7 @@ def main() -> None:
         # ALGO LOGIC: each prompt's clip range from the policy's entropy, the probes and the drift (3.5), (3.8)
         epsilon = torch.full((local_prompts,), args.eps_base, dtype=torch.float64)  # [P]
         if args.adaptive_clip:
-            H = group_token_mean(entropy, loss_mask, G).double()  # [P]
+            H = group_token_mean(entropy, loss_mask, G)  # [P]
             epsilon, h_ref = clip_epsilons(H, vote, sigma_p, kappa, controller["h_ref"], controller["drift_bar"], args)
         rollout.epsilon = epsilon.float().repeat_interleave(G)  # [n]
         time_logprobs = time.perf_counter() - t0

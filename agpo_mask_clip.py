@@ -123,6 +123,9 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 disables)"""
+    skip_no_signal: bool = True
+    """[ours] make no optimizer step (nor a schedule step) when no completion in it has a non-zero advantage on any
+    rank (docs/algorithms.md (6.9))"""
     total_steps: int = 1000
     """training steps (one step = generate, score, μ × mini-batches optimizer steps)"""
     max_generated_tokens: int = 0
@@ -830,6 +833,24 @@ def latest_checkpoint(path: str) -> str:
     return os.path.join(path, max(done, key=lambda d: int(d.split("-")[-1])))
 
 
+def keep_metrics_until(path: str, step: int) -> None:
+    """On --resume: drop the rows of metrics.jsonl past the checkpoint's step (a run killed while saving wrote
+    them), so that the file reads as one run."""
+    if not os.path.isfile(path):
+        return
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line)
+            except (ValueError, KeyError):  # a line cut short by the kill
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
 def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int, rank_state: dict) -> str:
     """A Hugging Face directory (weights, config, tokenizer) plus everything --resume needs
     (`rank_state`: this rank's own, with its RNG states), written under a temporary name and
@@ -1262,18 +1283,22 @@ def rollout_logprobs(engine, ref_engine, rollout: Rollout, micro_batches: list, 
 def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Metrics, device) -> None:
     """μ passes over this rank's rollout, each split into optimizer steps, gradients accumulated
     over micro-batches (docs/algorithms.md (1.4))."""
-    world = dist.get_world_size()
+    world, skipped = dist.get_world_size(), 0
     for it, optimizer_steps in enumerate(plan):
         for micro_batches in optimizer_steps:
             # (1.4): the normalisers count the sequences and tokens in the loss of the whole optimizer
             # step, over every micro-batch and every rank
             rows = [i for ix in micro_batches for i in ix]
             in_loss = rollout.loss_mask[rows]  # [rows, T]
-            counts = torch.tensor([in_loss.any(1).sum().item(), in_loss.sum().item()], dtype=torch.float64,
-                                  device=device)
+            signal = in_loss.any(1) & (rollout.advantages[rows] != 0)  # [rows]: in the loss with A ≠ 0
+            counts = torch.tensor([in_loss.any(1).sum().item(), in_loss.sum().item(), signal.sum().item()],
+                                  dtype=torch.float64, device=device)
             dist.all_reduce(counts)
-            num_seqs, num_tokens = int(counts[0].item()), int(counts[1].item())
+            num_seqs, num_tokens, num_signal = (int(c) for c in counts.tolist())
             if num_tokens == 0:  # no token of this optimizer step is in the loss: nothing to learn, no update
+                continue
+            if num_signal == 0 and args.skip_no_signal:  # (6.9): else a KL or entropy term alone gets an Adam step
+                skipped += 1
                 continue
             loss_sum = 0.0
             for ix in micro_batches:
@@ -1308,6 +1333,7 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics.add("grad_norm", float(grad_norm), 1.0)
+    metrics.add("update/skipped_steps", skipped, 1.0)  # the same on every rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1412,6 +1438,8 @@ def main() -> None:
         log("generating with transformers generate (no vLLM)")
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if resume_dir and rank == 0:
+        keep_metrics_until(metrics_path, state["step"])
     progress = tqdm(range(state["step"], args.total_steps), initial=state["step"], total=args.total_steps,
                     disable=rank != 0)
     for step in progress:

@@ -55,17 +55,32 @@ def test_dispersions_by_hand():
     "text, balanced, authors",
     [
         ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", "2"),  # nested braces
-        ("first \\boxed{3} then \\boxed{ 4 }", "4", "4"),  # the last box
-        ("work\n#### 72", "72", "72"),  # GSM8K style
+        ("first \\boxed{3} then \\boxed{ 4 }", "4", " 4 "),  # the last box
+        ("work\n#### 72", "72", " 72"),  # GSM8K style; the authors collapse whitespace only in the whole-text key
+        ("work\n####  7  2\n", "7 2", "  7  2\n"),
         ("so 1,234 apples", "1234", "1234"),  # thousands commas
         ("the point (1,2)", "2", "12"),  # a comma list is not one number
         ("the answer is 3/4", "3/4", "3/4"),  # a fraction is one number
         ("  The Answer  is\n YES ", "the answer is yes", "the answer is yes"),  # plain text, lower-cased
+        ("so .5", ".5", ".5"),  # a leading decimal point is part of the number: not the answer 5
+        ("so +.5", ".5", "+.5"),
+        ("so +5", "5", "+5"),
+        ("\\boxed{} 7", "7", "7"),  # an empty box is no answer
+        ("\\boxed{3} so \\boxed{\\frac{1}{", "3", "3"),  # a box cut off by the length limit is no answer
+        ("\\boxed{3} \\boxed{ } then 4", "3", " "),  # balanced: the last closed box; authors: [^{}]+ takes " "
     ],
 )
 def test_answer_keys(text, balanced, authors):
     assert agpo.answer_key(text, "balanced") == balanced
     assert agpo.answer_key(text, "authors") == authors
+
+
+@pytest.mark.parametrize("mode", ["balanced", "authors"])
+def test_empty_boxes_disagree_and_decimals_do_not_collide(mode):
+    """(3.3): "\\boxed{} 7" and "\\boxed{} 8" are two answers (E = ln 2), and ".5" is not "5"."""
+    keys = [agpo.answer_key(t, mode) for t in ("\\boxed{} 7", "\\boxed{} 8")]
+    assert agpo.vote_entropy(keys) == pytest.approx(math.log(2))
+    assert len({agpo.answer_key(t, mode) for t in ("so .5", "so 5", "so 0.5")}) == 3
 
 
 def test_vote_entropy_extremes_and_a_value():
@@ -98,7 +113,7 @@ def test_clip_epsilon_on_the_authors_worked_example():
     high, _ = agpo.clip_epsilons(one(30.0), one(9.0), one(0.0), one(0.0), 2.0, 0.0, args)
     assert (low.item(), high.item()) == (args.eps_min, args.eps_max)
     first, _ = agpo.clip_epsilons(one(3.0), one(0.0), one(0.0), one(0.0), 0.0, 0.0, args)  # H_ref uninitialised
-    assert first.item() == pytest.approx(args.eps_base)  # the entropy ratio is 1
+    assert first.item() == args.eps_base  # the entropy ratio is 1, in float64 (a float32 1 gave 0.20000000298)
 
 
 def test_temperature_goes_up_with_uncertainty_and_starts_at_tau_base():
@@ -124,9 +139,31 @@ def test_permuting_the_prompts_permutes_tau_and_eps_and_changes_nothing_else():
     eps_p, h_ref_p = agpo.clip_epsilons(H[perm], E[perm], sigma[perm], kappa[perm], 0.5, 0.1, args)
     assert torch.equal(tau[perm], tau_p) and torch.equal(eps[perm], eps_p)
     assert (u_bar, h_ref) == (u_bar_p, h_ref_p) == (0.8, 0.5)  # the state moves once, from the batch mean
-    # the authors' per-prompt update (--controller-update prompt) depends on the order
-    authors = agpo.Args(controller_update="prompt")
+    # the authors' update after each micro-batch (here of one prompt) depends on the order
+    authors = agpo.Args(controller_update="microbatch", micro_batch_size=8, num_generations=8)
     assert not torch.allclose(agpo.temperatures(U, 0.8, authors)[0][perm], agpo.temperatures(U[perm], 0.8, authors)[0])
+
+
+def test_the_authors_update_moves_the_state_after_each_micro_batch_by_its_mean():
+    """(3.11) --controller-update microbatch: G 2, micro-batches of 4 completions = runs of 2 prompts; each run
+    reads the state as the previous run left it, which then moves once by the run's mean."""
+    args = agpo.Args(controller_update="microbatch", num_generations=2, micro_batch_size=4)
+    f64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert agpo.controller_runs(5, args) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    tau, c, u_bar = agpo.temperatures(f64(1.0, 2.0, 3.0, 5.0), 0.0, args)
+    assert c[:2].tolist() == [0.0, 0.0]  # Ū uninitialised in the first run, then set to its mean 1.5
+    assert c[2:].tolist() == pytest.approx([(3 - 1.5) / 1.5, (5 - 1.5) / 1.5])
+    assert u_bar == pytest.approx(0.1 * 4.0 + 0.9 * 1.5)
+    assert tau[3].item() == pytest.approx(min(1.5, 1 + 0.15 * 3.5 / 1.5))
+    zeros = f64(0.0, 0.0, 0.0, 0.0)
+    eps, h_ref = agpo.clip_epsilons(f64(2.0, 4.0, 6.0, 6.0), zeros, zeros, zeros, 0.0, 0.0, args)
+    assert eps[:2].tolist() == [0.2, 0.2]  # ratio 1 while H_ref is uninitialised; then H_ref = 3
+    assert eps[2:].tolist() == pytest.approx([0.2 * 1.5, 0.2 * 1.5])  # 6 / 3 = 2, clipped to 1.5
+    assert h_ref == pytest.approx(0.01 * 6.0 + 0.99 * 3.0)
+    controller = {"u_bar": 0.0, "h_ref": 0.0, "drift_bar": 0.0}
+    agpo.move_controllers(controller, None, None, f64(0.1, 0.3, 0.5, 0.5), u_bar, h_ref, args, "cpu")
+    assert controller["drift_bar"] == pytest.approx(0.9 * (0.1 * 0.2) + 0.1 * 0.5)  # D̄ once per run, in order
+    assert (controller["u_bar"], controller["h_ref"]) == (u_bar, h_ref)
 
 
 def test_ema_initialises_from_the_first_value():
@@ -141,6 +178,36 @@ def test_advantage_divides_by_the_dispersion_with_a_floor():
     std = torch.tensor([1.0, 0, 0, 1]).double().std()
     assert torch.allclose(a[:4], (r[:4] - 0.5) / std) and a[4:].tolist() == [0.0] * 4
     assert agpo.adaptive_advantages(torch.tensor([1.0, float("nan"), 0.0, 0.0]), 4, "std")[1] == 0
+
+
+def test_robust_dispersions_fall_back_to_the_std():
+    """(3.2): with 0/1 rewards the MAD is 0 whenever half the group agrees; dividing by 1e-8 gave ±5e7."""
+    assert agpo.adaptive_advantages(torch.tensor([0.0, 1.0]), 2, "mad").tolist() == pytest.approx([-0.5**0.5, 0.5**0.5])
+    r = torch.tensor([0.0] + [1.0] * 7)
+    assert agpo.adaptive_advantages(r, 8, "iqr")[0].item() == pytest.approx(-0.875 / r.double().std().item())
+    assert agpo.dispersion(r.view(1, 8), "mad").item() == pytest.approx(r.double().std().item())  # σ_p as well
+    # every 0/1 group of 8: finite, moderate advantages (the largest, 4.05: iqr of two 1s among eight, 0.25/1.349)
+    for bits in range(256):
+        group = torch.tensor([(bits >> i) & 1 for i in range(8)], dtype=torch.float64)
+        for mode in ("mad", "iqr"):
+            assert agpo.adaptive_advantages(group, 8, mode).abs().max().item() < 4.1
+
+
+def test_the_1e6_rule_is_for_the_statistics_not_the_advantage():
+    """(3.2), (3.9): a spread below 1e-6 is 0 for σ_p (float noise must not start Ū), but the advantage's
+    divisor is max(d, 1e-8): [0, 5e-7] gave ±25 while [0, 2e-6] gave ±0.707."""
+    for r in ([0.0, 5e-7], [0.0, 2e-6]):
+        a = agpo.adaptive_advantages(torch.tensor(r, dtype=torch.float64), 2, "std")
+        assert a.tolist() == pytest.approx([-0.5**0.5, 0.5**0.5])
+    assert agpo.dispersion(torch.tensor([[0.0, 5e-7]], dtype=torch.float64), "std").tolist() == [0.0]
+
+
+def test_a_group_without_tokens_has_zero_entropy_and_drift_not_nan():
+    """(3.5): a prompt whose G completions are all empty gave 0/0 = NaN, and a NaN drift poisons D̄."""
+    values = torch.arange(12, dtype=torch.float32).view(4, 3)  # [n, T], G = 2: two groups
+    mask = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.float32)
+    means = agpo.group_token_mean(values, mask, 2)
+    assert means.dtype == torch.float64 and means.tolist() == [0.0, pytest.approx((6 + 7 + 9) / 3)]
 
 
 # --- the whole objective reduces to GRPO --------------------------------------------------------

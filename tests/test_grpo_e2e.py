@@ -4,7 +4,6 @@ with ZeRO-3 and colocated vLLM, --resume, and the errors on bad input."""
 import glob
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -62,6 +61,18 @@ def logprobs_of(model_dir: str, prompt: list, completion: list) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
     return torch.log_softmax(logits, -1)[range(len(completion)), completion]
+
+
+# on PYTHONPATH as sitecustomize.py: the process kills itself as it starts writing checkpoint-2
+KILL_DURING_SAVE = """
+import os, signal, torch
+_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if "checkpoint-2.tmp" in str(f):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _save(obj, f, *args, **kwargs)
+torch.save = save
+"""
 
 
 def check_run(out: str, steps: int) -> list:
@@ -165,16 +176,19 @@ def test_one_process_vllm_and_resume(tiny_untied_model, add_data, tmp_path):
     assert all(m["sync/logprob_max_abs_diff"] < SYNC_TOL for m in full)
     # --share-prompts (default): each micro-batch holds one prompt's 4 completions, the prompt computed once
     assert all(m["update/computed_tokens"] < m["update/real_tokens"] for m in full)
-    name = os.listdir(out)[0]
 
+    # the same run killed (SIGKILL) while it writes checkpoint-2, after step 2's row of metrics.jsonl, then resumed
+    # from its run directory: the latest complete checkpoint is checkpoint-1, and step 2's row is not kept twice
     out2 = str(tmp_path / "runs_resumed")
-    os.makedirs(out2)
-    shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
-    with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps(full[0]) + "\n")
-    proc = run_script(
-        common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=str(tmp_path)
-    )
+    hook = tmp_path / "kill_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_DURING_SAVE)
+    with pytest.raises(AssertionError, match="exited -9"):
+        run_script(common + ["--output-dir", out2], cwd=str(tmp_path), pythonpath=(str(hook),))
+    name2 = os.listdir(out2)[0]
+    assert os.path.isdir(os.path.join(out2, name2, "checkpoint-2.tmp"))
+    assert [m["step"] for m in read_metrics(out2)] == [1, 2]
+    proc = run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name2)], cwd=str(tmp_path))
     assert "resumed from" in proc.stdout + proc.stderr
     resumed = read_metrics(out2)
     assert [m["step"] for m in resumed] == [1, 2]

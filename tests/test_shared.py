@@ -523,3 +523,37 @@ def test_micro_batches_balance_tokens(algo):
     assert max(loads) - min(loads) <= 20
     args.micro_batch_by_tokens = False
     assert algo.update_plan(8, args, torch.Generator(), sizes)[0][0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+@each
+@pytest.mark.parametrize("skip", [True, False])
+def test_no_optimizer_step_without_signal(algo, tiny_model, world_of_one, skip):
+    """docs/algorithms.md (6.9): every advantage 0 → no backward and no optimizer step (nor schedule step), counted
+    in update/skipped_steps. Without the skip the steps are taken, and in agpo_adaptive.py (k1 KL) and a_grpo.py
+    (entropy bonus) they carry a gradient, which Adam turns into a full-size step. One non-zero advantage: taken."""
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1,
+                     skip_no_signal=skip)
+    for advantages, signal in ((torch.zeros(4), False), (torch.tensor([0.0, 0.0, 0.0, 0.5]), True)):
+        engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
+        rollout = rollout_of(algo, [3, 5, 2, 4])
+        rollout.advantages = advantages
+        plan = algo.update_plan(4, args, torch.Generator().manual_seed(0))  # 2 optimizer steps of 2 micro-batches
+        algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        metrics = algo.Metrics()
+        update_policy(algo, engine, rollout, plan, args, metrics)
+        skipped = 2 if skip and not signal else 0
+        assert metrics.sums["update/skipped_steps"] == (skipped, 1.0)
+        assert len(engine.grad_norms) == 2 * (2 - skipped)
+        if not signal and not skip and algo.__name__ in ("agpo_adaptive", "a_grpo"):
+            assert min(engine.grad_norms) > 0
+
+
+@each
+def test_resume_drops_the_metrics_rows_past_the_checkpoint(algo, tmp_path):
+    """docs/algorithms.md (6.5): a run killed while saving checkpoint-2 had written step 2's row (and maybe part of
+    a line); resumed from checkpoint-1, its metrics.jsonl must read as one run."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.7}\n{"step": 3, "rew')
+    algo.keep_metrics_until(str(path), 1)
+    assert path.read_text() == '{"step": 1, "reward": 0.5}\n'
+    algo.keep_metrics_until(str(tmp_path / "absent.jsonl"), 1)  # a run that never logged: nothing to do
