@@ -1295,9 +1295,9 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
                                   dtype=torch.float64, device=device)
             dist.all_reduce(counts)
             num_seqs, num_tokens, num_signal = (int(c) for c in counts.tolist())
-            if num_tokens == 0:  # no token of this optimizer step is in the loss: nothing to learn, no update
-                continue
-            if num_signal == 0 and args.skip_no_signal:  # (6.9): else a KL or entropy term alone gets an Adam step
+            # no token in the loss, or (6.9) no non-zero advantage in it: no step (else a KL or entropy term alone
+            # would get a full-size Adam step)
+            if num_tokens == 0 or (num_signal == 0 and args.skip_no_signal):
                 skipped += 1
                 continue
             loss_sum = 0.0

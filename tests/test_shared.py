@@ -546,6 +546,10 @@ def test_no_optimizer_step_without_signal(algo, tiny_model, world_of_one, skip):
         assert len(engine.grad_norms) == 2 * (2 - skipped)
         if not signal and not skip and algo.__name__ in ("agpo_adaptive", "a_grpo"):
             assert min(engine.grad_norms) > 0
+    rollout.loss_mask = torch.zeros_like(rollout.loss_mask)  # no token in the loss: no step, with or without the flag
+    metrics = algo.Metrics()
+    update_policy(algo, engine, rollout, plan, args, metrics)
+    assert metrics.sums["update/skipped_steps"] == (2, 1.0) and len(engine.grad_norms) == 4
 
 
 @each
