@@ -843,7 +843,7 @@ def keep_metrics_until(path: str, step: int) -> None:
         for line in f:
             try:
                 if json.loads(line)["step"] <= step:
-                    rows.append(line)
+                    rows.append(line.rstrip("\n") + "\n")
             except (ValueError, KeyError):  # a line cut short by the kill
                 pass
     with open(path + ".tmp", "w") as f:
@@ -1290,7 +1290,8 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             # step, over every micro-batch and every rank
             rows = [i for ix in micro_batches for i in ix]
             in_loss = rollout.loss_mask[rows]  # [rows, T]
-            signal = in_loss.any(1) & (rollout.advantages[rows] != 0)  # [rows]: in the loss with A ≠ 0
+            # [rows]: in the loss with A ≠ 0 (|A| ≤ 1e-6 is the float noise of equal rewards: 1e-13 after a mean)
+            signal = in_loss.any(1) & (rollout.advantages[rows].abs() > 1e-6)
             counts = torch.tensor([in_loss.any(1).sum().item(), in_loss.sum().item(), signal.sum().item()],
                                   dtype=torch.float64, device=device)
             dist.all_reduce(counts)

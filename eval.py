@@ -386,7 +386,8 @@ def hf_samples(model_name: str, tokenizer, prompt_ids: dict, args: Args, stop_id
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     model.to(device).eval()
     return {name: generate_hf(model, tokenizer, ids, args, stop_ids) for name, ids in prompt_ids.items()}
 
@@ -502,7 +503,7 @@ def main() -> None:
         prepared[model_name] = (tokenizer, stop_token_ids(model_name, tokenizer), prompts, prompt_ids)
     if args.use_vllm:
         try:
-            from vllm import LLM
+            import vllm  # noqa: F401
         except Exception as e:
             print(f"vLLM is not importable ({type(e).__name__}: {e}); generating with transformers instead")
             args.use_vllm = False

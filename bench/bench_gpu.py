@@ -199,7 +199,7 @@ def check(args: Args, name: str, script: str, launcher: str, model: str, path: s
              "--save-steps", "1" if resume else str(args.steps),
              "--prompts-per-step", "4", "--num-generations", "4", "--max-completion-length", "32",
              "--micro-batch-size", "8", "--learning-rate", str(args.learning_rate), "--log-completions", "0",
-             "--reward-funcs", REWARD.get(script, "toy_rewards:letter_a"), "--zero-stage", "3"]
+             "--reward-funcs", REWARD.get(script, "toy_rewards:letter_a"), "--zero-stage", "3", "--no-skip-no-signal"]
     if not vllm_ok():
         flags.append("--no-use-vllm")
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
@@ -294,6 +294,7 @@ def throughput(args: Args, path: str, variant: str, port: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     flags = ["--model", path, "--dataset", args.dataset, "--output-dir", out,
              "--total-steps", str(args.throughput_steps), "--save-steps", "0", "--beta", "0", "--loss-type", "dapo",
+             "--no-skip-no-signal",
              "--prompts-per-step", str(args.throughput_prompts), "--num-generations", str(args.throughput_generations),
              "--max-completion-length", str(args.throughput_completion_length),
              "--micro-batch-size", str(args.throughput_micro_batch), "--learning-rate", "1e-6",

@@ -95,6 +95,7 @@ def _run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int, script:
         "--log-completions",
         "0",
         "--use-vllm" if use_vllm else "--no-use-vllm",
+        "--no-skip-no-signal",  # every step's update is timed, with or without a reward signal
         *extra,
     ]
     with open(f"{args.out}.{script[:-3]}.{'vllm' if use_vllm else 'transformers'}.log", "w") as log:

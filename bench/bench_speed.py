@@ -60,7 +60,7 @@ def run_grpo(args: Args, name: str, layout: str, preload: bool) -> dict:
     out = os.path.join(args.out + ".runs", name)
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--model", args.model, "--dataset", args.dataset,
            "--output-dir", out, "--total-steps", str(args.steps), "--save-steps", "0", "--beta", "0",
-           "--loss-type", "dapo", "--prompts-per-step", str(args.prompts_per_step),
+           "--loss-type", "dapo", "--no-skip-no-signal", "--prompts-per-step", str(args.prompts_per_step),
            "--num-generations", str(args.num_generations), "--max-completion-length", str(args.max_completion_length),
            "--micro-batch-size", str(args.micro_batch_size), "--log-completions", "0",
            "--padding-free" if layout != "padded" else "--no-padding-free",

@@ -533,7 +533,8 @@ def test_no_optimizer_step_without_signal(algo, tiny_model, world_of_one, skip):
     (entropy bonus) they carry a gradient, which Adam turns into a full-size step. One non-zero advantage: taken."""
     args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1,
                      skip_no_signal=skip)
-    for advantages, signal in ((torch.zeros(4), False), (torch.tensor([0.0, 0.0, 0.0, 0.5]), True)):
+    noise = torch.full((4,), 1e-13)  # the float noise equal rewards can leave after the group mean: no signal
+    for advantages, signal in ((torch.zeros(4), False), (noise, False), (torch.tensor([0.0, 0.0, 0.0, 0.5]), True)):
         engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
         rollout = rollout_of(algo, [3, 5, 2, 4])
         rollout.advantages = advantages
