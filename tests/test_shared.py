@@ -562,3 +562,20 @@ def test_resume_drops_the_metrics_rows_past_the_checkpoint(algo, tmp_path):
     algo.keep_metrics_until(str(path), 1)
     assert path.read_text() == '{"step": 1, "reward": 0.5}\n'
     algo.keep_metrics_until(str(tmp_path / "absent.jsonl"), 1)  # a run that never logged: nothing to do
+
+
+@each
+def test_a_step_with_a_signal_is_the_same_with_or_without_the_skip(algo, tiny_model, world_of_one):
+    """(6.9): the flag changes nothing where an advantage is non-zero: the same gradients, bit for bit (so the
+    equality of grpo.py's loss and gradient with TRL's on such batches still holds)."""
+    norms = []
+    for skip in (True, False):
+        args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1,
+                         skip_no_signal=skip)
+        engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
+        rollout = rollout_of(algo, [3, 5, 2, 4])
+        plan = algo.update_plan(4, args, torch.Generator().manual_seed(0))
+        algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        update_policy(algo, engine, rollout, plan, args, algo.Metrics())
+        norms.append(engine.grad_norms)
+    assert len(norms[0]) == 4 and norms[0] == norms[1]
