@@ -1340,9 +1340,10 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             # step, over every micro-batch and every rank
             rows = [i for ix in micro_batches for i in ix]
             in_loss = rollout.loss_mask[rows]  # [rows, T]
+            seqs = in_loss.any(1)  # [rows]
             # [rows]: in the loss with A ≠ 0 (|A| ≤ 1e-6 is the float noise of equal rewards: 1e-13 after a mean)
-            signal = in_loss.any(1) & (rollout.advantages[rows].abs() > 1e-6)
-            counts = torch.tensor([in_loss.any(1).sum().item(), in_loss.sum().item(), signal.sum().item()],
+            signal = seqs & (rollout.advantages[rows].abs() > 1e-6)
+            counts = torch.tensor([seqs.sum().item(), in_loss.sum().item(), signal.sum().item()],
                                   dtype=torch.float64, device=device)
             dist.all_reduce(counts)
             num_seqs, num_tokens, num_signal = (int(c) for c in counts.tolist())

@@ -8,7 +8,7 @@ tokens spent, with vLLM, the training scripts' prompt template, and rewards.py's
 
 import os
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in the process that makes it
 
 import json
 import math
