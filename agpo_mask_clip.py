@@ -1,10 +1,9 @@
-"""AGPO with loss mask and loss clip (Li, Liu, Yang, arXiv 2503.15952), single file, on the real stack.
+"""AGPO with loss mask and loss clip (Li, Liu, Yang, arXiv 2503.15952) in one file, on the real stack.
 
-The maths, with its sources: docs/algorithms.md §2 (the first author's own implementation). What
-changes from grpo.py: ±1 correctness reward plus a length bonus for the correct completions of mixed
-groups; a loss mask that drops all-correct and all-wrong groups from both the numerator and the
-denominator of the token-level loss; clip-higher (ε_low 0.2, ε_high 0.28); β = 0 (no reference
-model); and, ours, --refill (dynamic batching) and --zero-variance sign (the paper's v1 advantage).
+The maths: docs/algorithms.md §2 (the first author's own implementation). What changes from grpo.py: ±1 correctness
+reward plus a length bonus for the correct completions of mixed groups; a loss mask that drops all-correct and
+all-wrong groups from both the numerator and the denominator of the token-level loss; clip-higher (ε_low 0.2,
+ε_high 0.28); β = 0 (no reference model); and, ours, --refill (dynamic batching) and --zero-variance sign.
 
     python agpo_mask_clip.py --model Qwen/Qwen2.5-0.5B-Instruct --max-completion-length 1024
     deepspeed --num_gpus 8 agpo_mask_clip.py                            # Qwen/Qwen2.5-7B, one node
@@ -13,8 +12,7 @@ model); and, ours, --refill (dynamic batching) and --zero-variance sign (the pap
 
 import os
 
-# The colocated vLLM engine must live in this process, not in a subprocess of its own.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the colocated engine lives in this process
 
 import gc
 import json
@@ -22,6 +20,7 @@ import math
 import random
 import shutil
 import socket
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,6 @@ from transformers.modeling_utils import AttentionInterface
 
 import rewards
 
-# DeepSpeed calls torch.distributed's old collective names on every step; the warning is noise here.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
 
 
@@ -54,41 +52,29 @@ class Args:
     seed: int = 1
     """seed of the experiment: data order, sampling and initialisation"""
     track: bool = False
-    """log to Weights & Biases (set WANDB_MODE=offline to log without network)"""
+    """log to Weights & Biases (WANDB_ENTITY sets the team; WANDB_MODE=offline logs without network)"""
     wandb_project_name: str = "grpo"
     """the wandb project"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
     output_dir: str = "runs"
     """runs are written to OUTPUT_DIR/<run_name>/ (args.json, metrics.jsonl, checkpoint-<step>/)"""
     save_steps: int = 100
-    """save a checkpoint every this many steps (and always at the end); 0 saves only at the end"""
+    """save a checkpoint every this many steps (and always at the end); 0: only at the end"""
     resume: Optional[str] = None
     """a checkpoint directory, or a run directory (its latest complete checkpoint) to continue from"""
-    log_completions: int = 2
-    """how many sample completions to print per step"""
 
     # model and data
     model: str = "Qwen/Qwen2.5-7B"
     """hub id or local directory of the policy (and of the reference model)"""
     dataset: str = "gsm8k"
-    """preset (gsm8k, math), a local .jsonl/.json/.parquet file, or a hub data set name"""
-    dataset_split: str = "train"
-    """the split to train on (hub data sets)"""
+    """preset (gsm8k, math), a local .jsonl/.json/.parquet file, or a hub data set name (its train split)"""
     question_field: Optional[str] = None
-    """column of the question (default: the preset's, else the first of question/problem/input/prompt)"""
+    """column of the question (default: the preset's, else the first of question/problem/input/prompt/query)"""
     answer_field: Optional[str] = None
-    """column of the gold answer (default: the preset's, else the first of answer/solution/final_answer)"""
-    prompt_template: Literal["chat", "plain"] = "chat"
-    """chat: the tokenizer's chat template; plain: 'Question: ...\\nAnswer:' for base models"""
-    system_prompt: Optional[str] = None
-    """system message of the chat template (none by default)"""
+    """column of the gold answer (default: the preset's, else the first of answer/solution/final_answer/...)"""
     prompt_suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
     """appended to every question; it asks for the answer format the correctness reward reads"""
     max_prompt_length: int = 512
-    """prompts longer than this many tokens are skipped or truncated (--long-prompts)"""
-    long_prompts: Literal["skip", "truncate"] = "skip"
-    """skip over-long prompts (counted) or keep their last max_prompt_length tokens"""
+    """prompts longer than this many tokens are skipped (and counted)"""
     max_completion_length: int = 3584
     """most tokens generated per completion"""
 
@@ -100,9 +86,9 @@ class Args:
     micro_batch_size: int = 8
     """completions per forward/backward pass per rank (gradients are accumulated over them)"""
     num_iterations: int = 1
-    """μ, passes over each generated batch (ρ ≠ 1 and the clip only matter when μ > 1 or mini-batches > 1)"""
+    """μ, passes over each generated batch (the ratio and its clip only matter when μ > 1 or mini-batches > 1)"""
     num_mini_batches: int = 1
-    """optimizer steps per pass over the batch (ρ ≠ 1 and the clip only matter when μ > 1 or this > 1)"""
+    """optimizer steps per pass over the batch"""
 
     # sampling
     temperature: float = 1.0
@@ -114,39 +100,33 @@ class Args:
     learning_rate: float = 1e-6
     """peak learning rate of AdamW"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    """learning-rate shape after warm-up (cosine and linear decay to min_lr_ratio × lr)"""
+    """learning-rate shape after the linear warm-up (cosine and linear decay to MIN_LR_RATIO × lr)"""
     warmup_ratio: float = 0.0
     """fraction of the optimizer steps spent in linear warm-up"""
-    min_lr_ratio: float = 0.1
-    """final learning rate of the cosine/linear schedules, as a fraction of the peak"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 disables)"""
     skip_no_signal: bool = True
-    """[ours] make no optimizer step (nor a schedule step) when no completion in it has a non-zero advantage on any
-    rank (docs/algorithms.md (6.9))"""
+    """[ours] no optimizer step when no completion in it has a non-zero advantage (docs/algorithms.md (6.9))"""
     total_steps: int = 1000
     """training steps (one step = generate, score, μ × mini-batches optimizer steps)"""
     max_generated_tokens: int = 0
-    """stop once this many tokens have been generated in total (every round, all ranks); 0: no budget"""
+    """stop once this many tokens have been generated in total (all ranks); 0: no budget (6.6)"""
 
     # AGPO objective (docs/algorithms.md §2)
     beta: float = 0.0
     """β, weight of the k3 KL to the reference; 0 (AGPO) skips loading the reference model"""
     epsilon: float = 0.2
-    """ε_low, lower clip of the ratio (only binds when μ > 1 or mini-batches > 1)"""
+    """ε_low, lower clip of the ratio"""
     epsilon_high: Optional[float] = 0.28
-    """ε_high, upper clip of the ratio: clip-higher against entropy collapse (only binds when μ > 1 or
-    mini-batches > 1)"""
+    """ε_high, upper clip of the ratio: clip-higher against entropy collapse"""
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
-    """dapo (AGPO): sum over kept tokens / their count over the optimizer step; grpo, dr_grpo as in
-    grpo.py, over kept sequences"""
+    """dapo (AGPO): token mean over the kept tokens of the optimizer step; grpo, dr_grpo over kept sequences"""
     scale_rewards: Literal["group", "none"] = "group"
     """group: divide the advantage by the group std (GRPO); none: no division (Dr. GRPO)"""
     reward_funcs: list[str] = field(default_factory=lambda: ["correctness"])
-    """reward functions by name in rewards.py (or module:function); the first decides correctness (> 0),
-    which AGPO turns into ±1"""
+    """reward functions by name in rewards.py (or module:function); the first decides correctness (> 0), made ±1"""
     reward_weights: Optional[list[float]] = None
     """weight of each reward function (default: 1 each)"""
     length_bonus: float = 0.1
@@ -161,56 +141,26 @@ class Args:
     # engines
     zero_stage: Literal[0, 1, 2, 3] = 3
     """DeepSpeed ZeRO stage of the policy (the reference is ZeRO-3 when this is 3)"""
-    zero3_leaf_layers: bool = True
-    """ZeRO-3 gathers, releases and hooks each decoder layer as one unit instead of each of its Linear and norm
-    modules (the same gradients, far less host time per pass); --no-zero3-leaf-layers: per module"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """recompute activations in the backward pass (less memory, about 30% more time); auto: on with CUDA"""
-    logprob_chunk_size: int = 256
-    """positions whose fp32 log-softmax is computed at once (and recomputed in the backward); 0: all"""
-    padding_free: bool = True
-    """pack each micro-batch's sequences into rows without padding (position ids restart per sequence, attention
-    never crosses sequences); the same log-probs as padded rows; --no-padding-free pads"""
-    share_prompts: bool = True
-    """with --padding-free, the completions of a prompt in a micro-batch follow one copy of it and attend to it (sdpa
-    over each prompt and each completion with its prompt), so the prompt is computed once instead of once per
-    completion; the same log-probs and gradients; --no-share-prompts: a copy per completion"""
-    micro_batch_by_tokens: bool = True
-    """form the micro-batches of an optimizer step with balanced token counts instead of equal sequence counts
-    (the loss does not depend on the split); --no-micro-batch-by-tokens: consecutive sequences"""
+    """recompute activations in the backward (less memory, ~30% more time); auto: on with CUDA"""
     use_vllm: bool = True
     """generate with a vLLM engine colocated in each rank (else transformers generate)"""
     vllm_gpu_memory_utilization: float = 0.3
     """fraction of GPU memory the colocated vLLM engine may take (weights + KV cache)"""
-    vllm_sleep: Literal["auto", "on", "off"] = "auto"
-    """free vLLM's memory during the update (sleep level 2); auto: on with CUDA (vLLM's CPU build has none)"""
-    vllm_tensor_parallel_size: int = 1
-    """ranks that share one vLLM engine (tensor parallel), for models that do not fit one GPU; divides ranks"""
-    sync_check_steps: int = 0
-    """every this many steps, after the weight sync, log how far vLLM's log-probs of a completion are from
-    the trainer's (sync/logprob_max_abs_diff); 0 never"""
-    sync_bucket_mb: int = 1024
-    """weight sync: parameters are gathered from ZeRO-3 and handed to vLLM in buckets of about this size
-    (a decoder layer is never split)"""
-    local_rank: int = -1
-    """set by the deepspeed launcher; do not set by hand"""
 
-    # derived in main(), not options
-    world_size: tyro.conf.Suppress[int] = 1
-    """number of ranks"""
+
+LOGPROB_CHUNK = 256  # positions whose fp32 log-softmax exists at once (6.3)
+SYNC_BUCKET_BYTES = 2**30  # weights handed to vLLM per gathered bucket (6.10)
+MIN_LR_RATIO = 0.1  # where the cosine and linear schedules end, as a fraction of the peak learning rate (2.5)
 
 
 # ---------------------------------------------------------------------------------------------
-# The maths (pure functions, imported by the tests)
+# ALGO LOGIC: the maths (pure functions, imported by the tests)
 # ---------------------------------------------------------------------------------------------
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group") -> torch.Tensor:
-    """docs/algorithms.md (1.1): A_i = (r_i − mean(r)) / (std(r) + 1e-4) per group (sample std).
-
-    `scale="none"` gives r_i − mean(r) (Dr. GRPO). NaN rewards (unscorable completions) leave their
-    group's statistics and get advantage 0 (1.6).
-    """
+    """docs/algorithms.md (1.1) and (1.6): the group z-score (sample std); NaN rewards get advantage 0."""
     r = rewards.view(-1, num_generations)  # [prompts, G]
     valid = ~torch.isnan(r)
     count = valid.sum(1, keepdim=True)
@@ -224,22 +174,15 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
 
 
 def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """docs/algorithms.md (1.3): k3 estimator of KL(πθ‖πref) per token: exp(Δ) − Δ − 1, Δ = ℓref − ℓθ."""
+    """docs/algorithms.md (1.3): exp(Δ) − Δ − 1 per token, Δ = ℓref − ℓθ."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
 
 
 def grpo_token_loss(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp=None, beta=0.0):
-    """Per-token loss −(min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) − β·D) of docs/algorithms.md (1.2)–(1.4).
-
-    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. Returns (loss, kl or None, clipped_low,
-    clipped_high), each [B, T]; the clip masks follow TRL: the low clip binds when ρ < 1−ε_low with
-    A < 0, the high clip when ρ > 1+ε_high with A > 0.
-    """
+    """docs/algorithms.md (1.2)–(1.4): per-token loss, KL, and the low/high clip masks (TRL's), each [B, T]."""
     m = mask.bool()
-    # (6.2): log-prob differences are zeroed outside the mask before any exp, so a padded position
-    # (whose ℓθ can be below −88) can neither overflow nor turn the loss into 0·inf = NaN
-    ratio = torch.exp(torch.where(m, logp - old_logp, 0.0))  # [B, T]
+    ratio = torch.exp(torch.where(m, logp - old_logp, 0.0))  # [B, T]; (6.2): no exp of padding
     adv = advantages.unsqueeze(-1)  # [B, 1]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     loss = -surrogate
@@ -250,6 +193,16 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low, eps_high, ref_log
     clipped_low = (ratio < 1 - eps_low) & (adv < 0)
     clipped_high = (ratio > 1 + eps_high) & (adv > 0)
     return loss, kl, clipped_low, clipped_high
+
+
+def token_weights(mask: torch.Tensor, loss_type: str, num_seqs: int, num_tokens: int, max_len: int) -> torch.Tensor:
+    """docs/algorithms.md (1.4): each token's weight [B, T]; the normalisers count the whole optimizer step."""
+    mask = mask.float()
+    if loss_type == "grpo":
+        return mask / mask.sum(-1, keepdim=True).clamp(min=1) / num_seqs
+    if loss_type == "dapo":
+        return mask / max(num_tokens, 1)
+    return mask / (num_seqs * max_len)  # dr_grpo
 
 
 def agpo_length_bonus(correct: torch.Tensor, lengths: list, num_generations: int, coef: float) -> torch.Tensor:
@@ -264,12 +217,8 @@ def agpo_length_bonus(correct: torch.Tensor, lengths: list, num_generations: int
 
 def agpo_advantages(rewards: torch.Tensor, correct: torch.Tensor, num_generations: int,
                     zero_variance: str = "mask", scale: str = "group"):
-    """docs/algorithms.md (2.3), (2.4): group advantages and the loss mask `keep`, both [n].
-
-    A group is kept only if 0 < #correct < G. With zero_variance="sign" (the paper's v1, (2.7))
-    all-correct groups get A = +1 and all-wrong groups A = −1 and stay in the loss. Unscorable
-    completions (NaN reward) are never kept.
-    """
+    """docs/algorithms.md (2.3), (2.4), (2.7): group advantages and the loss mask `keep` (mixed, scorable groups),
+    both [n]; with zero_variance="sign" all-correct groups get A = +1 and all-wrong groups A = −1 and stay."""
     adv = group_advantages(rewards, num_generations, scale)
     n_correct = correct.view(-1, num_generations).sum(1)  # [prompts]
     mixed = ((n_correct > 0) & (n_correct < num_generations)).repeat_interleave(num_generations)
@@ -280,24 +229,22 @@ def agpo_advantages(rewards: torch.Tensor, correct: torch.Tensor, num_generation
     return adv, mixed & scorable
 
 
-def token_weights(mask: torch.Tensor, loss_type: str, num_seqs: int, num_tokens: int, max_len: int) -> torch.Tensor:
-    """Weight of each token's loss, [B, T], so that the sum over one optimizer step's micro-batches
-    and ranks is the loss of docs/algorithms.md (1.4) (`mask`: one micro-batch's loss mask).
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float):
+    """Learning-rate multiplier per optimizer step: linear warm-up, then constant, cosine or linear to min_ratio."""
 
-    num_seqs / num_tokens: sequences / tokens in the loss over the whole optimizer step, all ranks.
-    """
-    mask = mask.float()
-    if loss_type == "grpo":  # mean over each sequence's tokens, then mean over sequences
-        return mask / mask.sum(-1, keepdim=True).clamp(min=1) / num_seqs
-    if loss_type == "dapo":  # token mean over the whole step (micro-batches and ranks)
-        return mask / max(num_tokens, 1)
-    if loss_type == "dr_grpo":  # constant normaliser: sequences × max_completion_length
-        return mask / (num_seqs * max_len)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if schedule == "constant" else min_ratio + (1 - min_ratio) * (1 - progress)
+
+    return f
 
 
 def _chunk_logprobs(logits, ids, temperature: float, with_entropy: bool):
-    """ℓ of `ids` [B, c] under fp32 logits [B, c, V] at `temperature`, and their entropy (no grad)."""
+    """ℓ of `ids` [B, c] under logits [B, c, V] at `temperature`, in fp32, and their entropy (no grad)."""
     x = logits.to(torch.float32, copy=True).div_(temperature)  # [B, c, V], the only fp32 copy
     lse = torch.logsumexp(x, dim=-1)  # [B, c]
     logp = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse  # [B, c]
@@ -308,110 +255,51 @@ def _chunk_logprobs(logits, ids, temperature: float, with_entropy: bool):
     return logp, entropy
 
 
-def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False, chunk_size: int = 256):
-    """Log-probs of the completion tokens, [B, T], and optionally their full-vocabulary entropy (no grad).
-
-    Only the completion positions' logits are computed (`logits_to_keep`). docs/algorithms.md (6.3):
-    they are turned into fp32 log-softmax `chunk_size` positions at a time, and with gradients each
-    chunk is recomputed in the backward pass rather than stored, so one chunk of fp32 logits exists
-    at a time instead of several full copies (≈ 10 GiB at 4 × 1024 tokens × 152k vocabulary).
-    """
-    ids = batch["completion_ids"]  # [B, T]
+def logprobs_of(logits, ids, temperature: float, with_entropy: bool):
+    """docs/algorithms.md (6.3): fp32 log-softmax LOGPROB_CHUNK positions at a time, recomputed in the backward."""
     T = ids.shape[1]
-    if "logit_index" in batch:  # packed rows (pack): only the positions that predict a completion token reach lm_head
-        index = batch["logit_index"]  # [N]
-        inner = getattr(model, "module", model)  # the DeepSpeed engine's model, or the model
-        shared = {"shared_prompts": batch["shared_prompts"]} if "shared_prompts" in batch else {}
-        if shared and inner.config._attn_implementation != SHARED_PROMPT_ATTENTION:  # sdpa would ignore the segments
-            raise RuntimeError("shared-prompt rows need the model's attention set to shared_prompt_attention: "
-                               "model.set_attn_implementation(SHARED_PROMPT_ATTENTION) (setup_models does)")
-        keep = inner.get_output_embeddings().register_forward_pre_hook(
-            lambda _, inputs: (inputs[0].flatten(0, 1)[index].unsqueeze(0),))
-        try:
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                           attention_mask=batch["attention_mask"], logits_to_keep=0, use_cache=False,
-                           **shared).logits  # [1, N, V]: the N completion tokens, sequence by sequence
-        finally:
-            keep.remove()
-        mask = batch["completion_mask"].bool()  # [B, T]
-        flat = completion_logprobs_of(logits, ids[mask].unsqueeze(0), temperature, with_entropy, chunk_size)
-        return tuple(None if x is None else torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(
-            mask, x[0]) for x in flat)  # [B, T] each
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        logits_to_keep=T + 1, use_cache=False,
-    ).logits[:, :-1]  # [B, T, V] in the model's dtype
-    return completion_logprobs_of(logits, ids, temperature, with_entropy, chunk_size)
-
-
-def completion_logprobs_of(logits, ids, temperature: float, with_entropy: bool, chunk_size: int):
-    """Log-probs of `ids` [B, T] under the model's logits [B, T, V], fp32 log-softmax in chunks (6.3)."""
-    T = ids.shape[1]
-    step = chunk_size if chunk_size > 0 else T
-    recompute = torch.is_grad_enabled() and logits.requires_grad and step < T
+    recompute = torch.is_grad_enabled() and logits.requires_grad and LOGPROB_CHUNK < T
     logps, entropies = [], []
-    for s in range(0, T, step):
-        part = (logits[:, s : s + step], ids[:, s : s + step], temperature, with_entropy)
+    for s in range(0, T, LOGPROB_CHUNK):
+        part = (logits[:, s : s + LOGPROB_CHUNK], ids[:, s : s + LOGPROB_CHUNK], temperature, with_entropy)
         logp, entropy = checkpoint(_chunk_logprobs, *part, use_reentrant=False) if recompute else _chunk_logprobs(*part)
         logps.append(logp)
         entropies.append(entropy)
     return torch.cat(logps, 1), (torch.cat(entropies, 1) if with_entropy else None)
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float):
-    """Learning-rate multiplier per optimizer step: linear warm-up, then constant/cosine/linear."""
+def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
+    """Log-probs [B, T] of the completion tokens of a micro-batch (collate's or pack's), and their entropy.
 
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-
-    return f
-
-
-@dataclass
-class Rollout:
-    """One rank's batch of a step: G consecutive completions per prompt, and what the loss needs."""
-
-    prompt_ids: list  # n token-id lists, the prompt of each completion
-    completion_ids: list  # n token-id lists
-    advantages: torch.Tensor  # [n]
-    loss_mask: torch.Tensor  # [n, T] 1 on the completion tokens that enter the loss; T = longest completion
-    pad_id: int
-    old_logp: Optional[torch.Tensor] = None  # [n, T] ℓold, when the policy moves within the step; 0 on padding
-    ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref, when β > 0; 0 on padding
-    pack_rows: int = 0  # micro-batches as padding-free rows of at most this many tokens; 0: padded
-    share_prompts: bool = False  # packed rows hold each prompt once, followed by its completions
-
-    def micro_batch(self, ix: list, device) -> dict:
-        """Rows `ix` as model inputs (collate, or pack into rows of at most pack_rows tokens), with their rows of the
-        [n, T] tensors cut to their longest completion."""
-        prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
-        batch = collate(prompts, completions, self.pad_id, device) if not self.pack_rows else \
-            pack(prompts, completions, self.pad_id, self.pack_rows, device, self.share_prompts)
-        width = batch["completion_ids"].shape[1]
-        cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
-        batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
-        batch["advantages"] = self.advantages[ix].to(device)
-        return batch
-
-
-def completion_mask(lengths: list) -> torch.Tensor:
-    """[n, T] mask of the first lengths[i] positions of row i; T = the longest completion."""
-    return (torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]).float()
+    Only the positions that predict a completion token reach the output layer.
+    """
+    ids = batch["completion_ids"]  # [B, T]
+    if "logit_index" not in batch:  # padded rows
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=ids.shape[1] + 1, use_cache=False).logits
+        return logprobs_of(logits[:, :-1], ids, temperature, with_entropy)  # logits [B, T, V]
+    inner = getattr(model, "module", model)  # the DeepSpeed engine's model, or the model
+    if inner.config._attn_implementation != SHARED_PROMPT_ATTENTION:  # sdpa would ignore the segments
+        raise RuntimeError("packed rows need model.set_attn_implementation(SHARED_PROMPT_ATTENTION)")
+    index = batch["logit_index"]  # [N]
+    keep = inner.get_output_embeddings().register_forward_pre_hook(
+        lambda _, inputs: (inputs[0].flatten(0, 1)[index].unsqueeze(0),))
+    try:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=0,
+                       attention_mask=batch["attention_mask"], shared_prompts=batch["shared_prompts"],
+                       use_cache=False).logits  # [1, N, V]: the N completion tokens, sequence by sequence
+    finally:
+        keep.remove()
+    mask = batch["completion_mask"].bool()  # [B, T]
+    flat = logprobs_of(logits, ids[mask].unsqueeze(0), temperature, with_entropy)  # [1, N] each
+    return tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x[0]) for x in flat)
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
 
-# Presets know where a data set lives and which fields hold the question and the gold answer;
-# rewards.extract_gold reads the gold out of GSM8K's "#### 72" and MATH's "\boxed{...}" alike.
+# rewards.extract_gold reads the gold out of GSM8K's "#### 72" and MATH's "\boxed{...}" alike
 DATASET_PRESETS = {
     "gsm8k": dict(path="openai/gsm8k", name="main", question="question", answer="answer"),
     "math": dict(path="DigitalLearningGmbH/MATH-lighteval", name=None, question="problem", answer="solution"),
@@ -421,76 +309,61 @@ ANSWER_FIELDS = ("answer", "solution", "final_answer", "target", "gold")
 
 
 def load_rows(args: Args):
-    """The training rows as a `datasets.Dataset`, with a clear error for every way it can fail."""
+    """The training rows (a `datasets.Dataset`) and their question and answer columns."""
     import datasets
 
-    preset = DATASET_PRESETS.get(args.dataset)
+    preset = DATASET_PRESETS.get(args.dataset, {})
     local = os.path.splitext(args.dataset)[1] in (".jsonl", ".json", ".parquet")
+    if local and not os.path.isfile(args.dataset):
+        raise SystemExit(f"--dataset {args.dataset}: no such file")
     try:
-        if preset is not None:
-            ds = datasets.load_dataset(preset["path"], preset["name"], split=args.dataset_split)
+        if preset:
+            ds = datasets.load_dataset(preset["path"], preset["name"], split="train")
         elif local:
-            if not os.path.isfile(args.dataset):
-                raise SystemExit(f"--dataset {args.dataset}: no such file")
             kind = "parquet" if args.dataset.endswith(".parquet") else "json"
             ds = datasets.load_dataset(kind, data_files=args.dataset, split="train")
         else:
-            ds = datasets.load_dataset(args.dataset, split=args.dataset_split)
-    except SystemExit:
-        raise
+            ds = datasets.load_dataset(args.dataset, split="train")
     except Exception as e:  # hub unreachable, unknown name, unreadable file
-        raise SystemExit(
-            f"--dataset {args.dataset}: cannot load it ({type(e).__name__}: {str(e)[:300]}).\n"
-            "Without a reachable Hugging Face hub, point --dataset at a local .jsonl/.parquet file, "
-            "e.g. --dataset ../shared/data/gsm8k_train.jsonl (fields are found by name, or give "
-            "--question-field/--answer-field)."
-        ) from None
+        raise SystemExit(f"--dataset {args.dataset}: cannot load it ({type(e).__name__}: {str(e)[:300]}).\n"
+                         "Without a reachable hub, give a local .jsonl/.parquet file, e.g. data/gsm8k_sample.jsonl")
     cols = ds.column_names
-    q = args.question_field or (preset or {}).get("question") or next((c for c in QUESTION_FIELDS if c in cols), None)
-    a = args.answer_field or (preset or {}).get("answer") or next((c for c in ANSWER_FIELDS if c in cols), None)
+    q = args.question_field or preset.get("question") or next((c for c in QUESTION_FIELDS if c in cols), None)
+    a = args.answer_field or preset.get("answer") or next((c for c in ANSWER_FIELDS if c in cols), None)
     for flag, name in (("--question-field", q), ("--answer-field", a)):
-        if name is None or name not in cols:
+        if name not in cols:
             raise SystemExit(f"--dataset {args.dataset}: no column {name!r} for {flag}; its columns are {cols}")
-    if len(ds) == 0:
-        raise SystemExit(f"--dataset {args.dataset}: the data set is empty")
     return ds, q, a
 
 
-def build_prompt(tokenizer, question: str, args: Args) -> str:
-    """The prompt text every script (and eval.py) uses: chat template or plain."""
-    text = question.strip() + args.prompt_suffix
-    if args.prompt_template == "plain":
+def build_prompt(tokenizer, question: str, suffix: str) -> str:
+    """The prompt of every script and of eval.py: the chat template if the tokenizer has one, else plain."""
+    text = question.strip() + suffix
+    if not getattr(tokenizer, "chat_template", None):
         return f"Question: {text}\nAnswer:"
-    messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + [
-        {"role": "user", "content": text}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
-def prepare_prompts(ds, q_field, a_field, tokenizer, args: Args):
-    """Tokenised prompts with their gold answers; over-long prompts skipped or truncated, rows
-    without a question or gold answer skipped, and both counted."""
-    examples, n_missing, n_long = [], 0, 0
+def prepare_prompts(ds, q_field: str, a_field: str, tokenizer, args: Args):
+    """Tokenised prompts with their gold answers; rows without a question or gold, and over-long prompts, skipped."""
     rows = [(r[q_field], r[a_field]) for r in ds]
-    texts = [build_prompt(tokenizer, str(q), args) if q else None for q, _ in rows]
-    ids = tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]
-    for (q, gold), text, prompt_ids in zip(rows, texts, ids):
+    texts = [build_prompt(tokenizer, str(q), args.prompt_suffix) if q else "" for q, _ in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    examples, n_missing, n_long = [], 0, 0
+    for (_, gold), text, prompt_ids in zip(rows, texts, ids):
         if not text or rewards.extract_gold(gold) is None:
             n_missing += 1
-            continue
-        if len(prompt_ids) > args.max_prompt_length:
+        elif len(prompt_ids) > args.max_prompt_length:
             n_long += 1
-            if args.long_prompts == "skip":
-                continue
-            prompt_ids = prompt_ids[-args.max_prompt_length :]  # keep the end: the assistant header
-        examples.append({"prompt": text, "prompt_ids": prompt_ids, "answer": gold})
+        else:
+            examples.append({"prompt": text, "prompt_ids": prompt_ids, "answer": gold})
     return examples, n_missing, n_long
 
 
 def prompt_indices(start: int, count: int, num_examples: int, seed: int) -> list[int]:
-    """Example indices at positions start … start+count−1 of the data stream: a fresh seeded
-    permutation per epoch, so the data order is a pure function of (seed, position) and
-    `--resume` continues it exactly."""
+    """Example indices at positions start … start+count−1 of the data stream, one seeded permutation per epoch:
+    a pure function of (seed, position), so --resume continues it exactly."""
     perms, out = {}, []
     for pos in range(start, start + count):
         epoch, i = divmod(pos, num_examples)
@@ -500,9 +373,34 @@ def prompt_indices(start: int, count: int, num_examples: int, seed: int) -> list
     return out
 
 
+def score(reward_funcs: list, names: list, examples: list, completions: list, completion_ids: list, G: int):
+    """[F, n] float64 rewards, a row per reward function; NaN where it cannot score (returns None)."""
+    prompts = [e["prompt"] for e in examples for _ in range(G)]
+    answers = [e["answer"] for e in examples for _ in range(G)]
+    rows = []
+    for name, fn in zip(names, reward_funcs):
+        values = fn(prompts=prompts, completions=completions, answer=answers, completion_ids=completion_ids,
+                    num_generations=G)
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = f"{type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}"
+            raise RuntimeError(f"reward {name!r} returned {got} for {len(completions)} completions; "
+                               "it must return a list of one float or None per completion")
+        bad = [v for v in values if v is not None and not (
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v))]
+        if bad:
+            raise RuntimeError(f"reward {name!r} returned {bad[0]!r} ({len(bad)} such values); "
+                               "a reward is a finite number, or None for 'cannot score'")
+        rows.append(torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64))
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches: padded rows, or packed rows that compute each prompt once (docs/algorithms.md (6.7))
+# ---------------------------------------------------------------------------------------------
+
+
 def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict:
-    """Left-padded prompts + right-padded completions ([B, P + T]), with attention mask and position ids,
-    and the completion tokens with their mask ([B, T])."""
+    """Left-padded prompts + right-padded completions [B, P + T], and the completion tokens with their mask [B, T]."""
     p_len = max(len(p) for p in prompt_ids)
     c_len = max(max(len(c) for c in completion_ids), 1)
     n = len(prompt_ids)
@@ -522,73 +420,43 @@ def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict
     return {k: v.to(device) for k, v in batch.items()} | {"tokens": int(attention.sum())}
 
 
-def pack(prompt_ids: list, completion_ids: list, pad_id: int, row_len: int, device, share_prompts: bool = False) -> dict:
-    """A padding-free micro-batch: each sequence (prompt + completion) goes into the first row with room, rows of at
-    most row_len tokens and no longer than the longest sequence ([R, L]). Position ids restart at each sequence, and
-    with no attention mask transformers builds a block-causal mask from them, so attention never crosses sequences.
-    share_prompts: the completions of one prompt follow a single copy of it ([prompt, c1, c2, ...]: a unit), each
-    completion's positions continuing the prompt's; the units go end to end in one row, and `shared_prompts` holds
-    the attention segments shared_prompt_attention computes (attention_segments): each prompt over itself, each
-    completion over its prompt and itself, never a sibling.
-    logit_index: the flat positions of [R, L] whose logits predict the completion tokens, sequence by sequence;
-    tokens: the positions holding a token; completion_ids and completion_mask as collate's ([B, T])."""
-    if share_prompts:  # docs/algorithms.md (6.7): one copy of each prompt, all its completions after it
-        by_prompt = {}
-        for i, p in enumerate(prompt_ids):
-            by_prompt.setdefault(tuple(p), []).append(i)
-        units = [[prompt_ids[m[0]], m, len(prompt_ids[m[0]]) + sum(len(completion_ids[i]) for i in m)]
-                 for m in by_prompt.values()]
-        row_len = sum(n for _, _, n in units)  # (6.7): attention is per segment, a row's width costs nothing
-    else:
-        units = [[p, [i], len(p) + len(c)] for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
-        # (6.7): rows no wider than the longest sequence, so packing never computes more positions than padding,
-        # and a row's dense attention (CPU, sdpa: L² per row) never spans more than its longest sequence's
-        row_len = min(row_len, max(n for _, _, n in units))
-    rows, seq_pos, index, prompt_segments, completion_segments = [], [], {}, [], []
-    for p, members, n in units:
-        r = next((k for k, row in enumerate(rows) if len(row) + n <= row_len), len(rows))
-        if r == len(rows):
-            rows.append([])
-            seq_pos.append([])
-        start = len(rows[r])
-        rows[r] += p
-        seq_pos[r] += list(range(len(p)))
-        prompt = list(range(start, start + len(p)))  # row positions (shared prompts: one row, so flat ones)
-        if share_prompts and p:
+def pack(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict:
+    """One row [1, L]: each prompt once, followed by its completions, whose positions continue the prompt's
+    (docs/algorithms.md (6.7)). logit_index: the row positions that predict the completion tokens, sequence by
+    sequence; shared_prompts: the attention segments of shared_prompt_attention."""
+    by_prompt = {}
+    for i, p in enumerate(prompt_ids):
+        by_prompt.setdefault(tuple(p), []).append(i)
+    row, positions, index, prompt_segments, completion_segments = [], [], {}, [], []
+    for members in by_prompt.values():
+        p = prompt_ids[members[0]]
+        prompt = list(range(len(row), len(row) + len(p)))  # the prompt's row positions
+        row += p
+        last = len(row) - 1  # the position that predicts a completion's first token
+        positions += list(range(len(p)))
+        if p:
             prompt_segments.append((prompt, prompt))
         for i in members:
             c = completion_ids[i]
-            own = list(range(len(rows[r]), len(rows[r]) + len(c)))
-            # its first token is predicted at the prompt's last position, each later one at the token before it
-            index[i] = (r, ([start + len(p) - 1] + own[:-1])[: len(c)])
-            if share_prompts and c:
+            own = list(range(len(row), len(row) + len(c)))
+            index[i] = ([last] + own[:-1])[: len(c)]
+            if c:
                 completion_segments.append((own, prompt + own))
-            rows[r] += c
-            seq_pos[r] += list(range(len(p), len(p) + len(c)))
-    L = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), L), dtype=torch.long)
-    for r, (row, pos) in enumerate(zip(rows, seq_pos)):
-        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        position_ids[r] = torch.tensor(pos + list(range(L - len(row))))
-    logit_index = torch.tensor([index[i][0] * L + x for i in range(len(completion_ids)) for x in index[i][1]],
-                               dtype=torch.long)
-    batch = collate([[]] * len(completion_ids), completion_ids, pad_id, "cpu")  # completion ids and mask, [B, T]
-    batch.update(input_ids=input_ids, position_ids=position_ids, logit_index=logit_index, attention_mask=None,
-                 tokens=sum(len(row) for row in rows))
+            row += c
+            positions += list(range(len(p), len(p) + len(c)))
+    batch = collate([[]] * len(completion_ids), completion_ids, pad_id, "cpu")  # completion ids and mask [B, T]
+    batch.update(input_ids=torch.tensor([row]), position_ids=torch.tensor([positions]), tokens=len(row),
+                 logit_index=torch.tensor([x for i in range(len(completion_ids)) for x in index[i]], dtype=torch.long))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if share_prompts:
-        # a 4D mask is taken as given, so transformers builds no [L, L] mask of its own: this one-element mask stands
-        # in, unread; shared_prompt_attention masks each segment itself
-        batch["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-        batch["shared_prompts"] = [attention_segments(s, device) for s in (prompt_segments, completion_segments) if s]
+    # a 4D mask is taken as given, so transformers builds no [L, L] mask: this one stands in, unread
+    batch["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    batch["shared_prompts"] = [attention_segments(s, device) for s in (prompt_segments, completion_segments) if s]
     return batch
 
 
 def attention_segments(segments: list, device) -> tuple:
-    """One sdpa call over S segments, each (query positions, key positions) with the queries the last of the keys
-    and each query seeing the keys up to itself: [S, Lq] query and [S, Lk] key positions (padded with their first),
-    the [S, 1, Lq, Lk] mask (True: attend) and [S, Lq] which query slots are real (docs/algorithms.md (6.7))."""
+    """One sdpa call over S (query positions, key positions) segments, causal at the end of the keys: [S, Lq] and
+    [S, Lk] positions (padded with their first), the [S, 1, Lq, Lk] mask and [S, Lq] real query slots (6.7)."""
     n_q = torch.tensor([len(q) for q, _ in segments], device=device)  # [S]
     n_k = torch.tensor([len(k) for _, k in segments], device=device)  # [S]
     Lq, Lk = int(n_q.max()), int(n_k.max())
@@ -604,10 +472,8 @@ SHARED_PROMPT_ATTENTION = "grpo_shared_prompts"
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, shared_prompts=None, **kwargs):
-    """The attention of a model trained with --share-prompts (a transformers attention function): sdpa over each of
-    pack's attention segments, so a completion attends to its prompt and its own earlier tokens only and no position
-    pair outside a segment is computed (docs/algorithms.md (6.7)); any other call (e.g. transformers generate) is
-    plain sdpa. query [R, H, L, D], key and value [R, H_kv, L, D]; returns [R, L, H, D] as sdpa's."""
+    """A transformers attention function: sdpa over pack's segments (6.7); any other call is plain sdpa.
+    query [R, H, L, D], key and value [R, H_kv, L, D]; returns [R, L, H, D] as sdpa's."""
     if shared_prompts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     R, H, L, D = query.shape
@@ -621,341 +487,11 @@ def shared_prompt_attention(module, query, key, value, attention_mask, shared_pr
 
 
 AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
-AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)  # the masks of sdpa for every other call
-
-
-def score(reward_funcs: list, names: list, examples: list, completions: list, completion_ids: list, G: int):
-    """[F, n] float64 rewards, one row per reward function; NaN where a function cannot score (None).
-
-    A reward function is outside code: anything but one real number or None per completion is an error
-    that names the function.
-    """
-    prompts = [e["prompt"] for e in examples for _ in range(G)]
-    answers = [e["answer"] for e in examples for _ in range(G)]
-    rows = []
-    for name, fn in zip(names, reward_funcs):
-        values = fn(prompts=prompts, completions=completions, answer=answers, completion_ids=completion_ids,
-                    num_generations=G)
-        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-            got = f"{type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}"
-            raise RuntimeError(f"reward {name!r} returned {got} for {len(completions)} completions; "
-                               "it must return one float or None per completion")
-        bad = [(i, v) for i, v in enumerate(values) if v is not None and not (
-            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v))]
-        if bad:
-            i, v = bad[0]
-            raise RuntimeError(f"reward {name!r} returned {v!r} for completion {i} ({len(bad)} such values); "
-                               "a reward is a finite number, or None for 'cannot score'")
-        rows.append(torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64))
-    return torch.stack(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation and weight sync
-# ---------------------------------------------------------------------------------------------
-
-
-def request_seed(seed: int, round_id: int, rank: int, i: int) -> int:
-    """Per-request sampling seed: generation is a pure function of (weights, seed, round), which
-    is what lets --resume reproduce an uninterrupted run (docs/algorithms.md (6.5))."""
-    return (seed * 1_000_003 + round_id * 10_007 + rank * 101 + i) % (2**31)
-
-
-def sample_and_score(llm, engine, tokenizer, reward_funcs: list, examples: list, temperatures: list, round_id: int,
-                     args: Args, stop_ids: list, tp_group=None):
-    """G completions per example, each example at its own temperature, decoded and scored.
-
-    Returns the (token ids, hit max length) pairs, their text, the rewards [F, n] of every reward
-    function (NaN where it cannot score) and the seconds spent generating.
-    """
-    t0 = time.perf_counter()
-    prompt_ids = [e["prompt_ids"] for e in examples]
-    seeds = [request_seed(args.seed, round_id, dist.get_rank(), i) for i in range(len(prompt_ids))]
-    if llm is not None:
-        generated = vllm_generate(llm, prompt_ids, temperatures, seeds, args, stop_ids, tp_group)
-    else:
-        synced = args.zero_stage == 3 and dist.get_world_size() > 1  # every rank runs the ZeRO-3 forward together
-        generated = hf_generate(engine.module, prompt_ids, temperatures, seeds[0], args, stop_ids,
-                                tokenizer.pad_token_id, synced)
-    seconds = time.perf_counter() - t0
-    completion_ids = [c for c, _ in generated]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    values = score(reward_funcs, args.reward_funcs, examples, completions, completion_ids, args.num_generations)
-    return generated, completions, values, seconds
-
-
-def vllm_generate(llm, prompt_ids: list, temperatures: list, seeds: list, args: Args, stop_ids: list, tp_group):
-    """The colocated engine: one batched call, one SamplingParams (temperature, seed) per prompt.
-
-    With tensor parallelism the ranks of one engine must submit the same requests: they submit the
-    union of theirs and each keeps its own share of the outputs.
-    """
-    from vllm import SamplingParams
-
-    requests, first = tp_union(list(zip(prompt_ids, temperatures, seeds)), tp_group)
-    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, seed=s,
-                             max_tokens=args.max_completion_length, stop_token_ids=stop_ids) for _, t, s in requests]
-    outs = llm.generate([{"prompt_token_ids": p} for p, _, _ in requests], params, use_tqdm=False)
-    outs = outs[first : first + len(prompt_ids)]
-    return [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
-
-
-def tp_union(requests: list, tp_group) -> tuple[list, int]:
-    """The requests of every rank that shares this rank's tensor-parallel vLLM engine (which must all
-    submit the same requests), and where this rank's own start among them."""
-    if tp_group is None:
-        return requests, 0
-    gathered = [None] * dist.get_world_size(tp_group)
-    dist.all_gather_object(gathered, requests, group=tp_group)
-    return [r for g in gathered for r in g], sum(len(g) for g in gathered[: dist.get_rank(tp_group)])
-
-
-class RowTemperatureTopP(LogitsProcessor):
-    """Per-row temperature, then top-p: vLLM's order of the two, with one temperature per prompt."""
-
-    def __init__(self, temperatures: torch.Tensor, top_p: float):
-        self.temperatures = temperatures.unsqueeze(-1)  # [rows, 1]
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None
-
-    def __call__(self, input_ids, scores):
-        scores = scores / self.temperatures
-        return self.top_p(input_ids, scores) if self.top_p is not None else scores
-
-
-@torch.no_grad()
-def hf_generate(model, prompt_ids: list, temperatures: list, seed: int, args: Args, stop_ids: list, pad_id: int,
-                synced: bool):
-    """The transformers fallback with the same sampling (per-prompt temperature, top-p, no top-k, same stops)."""
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    p_len = max(len(p) for p in prompt_ids)
-    ids = torch.tensor([[pad_id] * (p_len - len(p)) + p for p in prompt_ids], device=device)
-    attn = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-    row_temperatures = torch.tensor(temperatures, device=device).repeat_interleave(args.num_generations)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=ids, attention_mask=attn,
-        # temperature and top-p live in the processor, so that each row gets its own temperature
-        generation_config=GenerationConfig(
-            do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_completion_length,
-            num_return_sequences=args.num_generations, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True),
-        logits_processor=[RowTemperatureTopP(row_temperatures, args.top_p)],
-        synced_gpus=synced,
-    )
-    model.train(was_training)
-    result = []
-    for row in out[:, p_len:].tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in stop_ids), None)
-        result.append((row[:cut] if cut else row, cut is None))
-    return result
-
-
-def sync_weights_to_vllm(model: torch.nn.Module, llm, bucket_bytes: int) -> None:
-    """Hand the policy's weights to vLLM in bounded buckets, straight from the ZeRO-3 shards.
-
-    A bucket of parameters is gathered, handed to vLLM and released before the next one, so no
-    rank ever holds a second full copy of the model. Buckets are sized with `ds_numel` (an
-    ungathered ZeRO-3 parameter reports numel 0) and never split a decoder layer, because vLLM
-    fuses q/k/v and gate/up into one kernel tensor that must receive all its parts in one go.
-    One reload call consumes the whole generator, so vLLM finalises the reload exactly once.
-    """
-
-    def layer_of(name: str) -> str:
-        parts = name.split(".")
-        for j, p in enumerate(parts[:-1]):
-            if p in ("layers", "h", "blocks") and parts[j + 1].isdigit():
-                return ".".join(parts[: j + 2])
-        return name
-
-    buckets, current, size, last_layer = [], [], 0, None
-    for name, p in model.named_parameters():
-        nbytes = getattr(p, "ds_numel", p.numel()) * p.element_size()
-        layer = layer_of(name)
-        if current and size + nbytes > bucket_bytes and layer != last_layer:
-            buckets.append(current)
-            current, size = [], 0
-        current.append((name, p))
-        size += nbytes
-        last_layer = layer
-    if current:
-        buckets.append(current)
-
-    def weights():
-        for bucket in buckets:
-            with deepspeed.zero.GatheredParameters([p for _, p in bucket]):
-                yield from ((name, p.data) for name, p in bucket)
-
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
-    llm.collective_rpc(_repack_tied_lm_head)
-    llm.reset_prefix_cache()
-
-
-def _repack_tied_lm_head(worker) -> None:
-    """vLLM's CPU backend multiplies by a packed copy of lm_head made at load time. A tied lm_head
-    receives no weights of its own in `reload_weights`, so its packed copy would keep the first
-    weights (measured: log-probs off by up to 40 nats); rebuild it from the synced embedding."""
-    head = getattr(worker.model_runner.model, "lm_head", None)
-    if head is not None and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
-        head.quant_method.process_weights_after_loading(head)
-
-
-def sync_logprob_diff(engine, llm, prompt_ids: list, completion_ids: list, pad_id: int, device, tp_group) -> float:
-    """Largest |ℓ_vLLM − ℓ_trainer| over one completion's tokens, at temperature 1: a check that
-    the weights vLLM samples from are the ones being trained (a broken sync shows up here)."""
-    from vllm import SamplingParams
-
-    requests, first = tp_union([prompt_ids + completion_ids], tp_group)
-    outs = llm.generate([{"prompt_token_ids": r} for r in requests], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                        use_tqdm=False)
-    out = outs[first]
-    ours = [out.prompt_logprobs[len(prompt_ids) + j][t].logprob for j, t in enumerate(completion_ids)]
-    with torch.no_grad():
-        trainer = completion_logprobs(engine, collate([prompt_ids], [completion_ids], pad_id, device), 1.0)[0][0]
-    return (torch.tensor(ours) - trainer.float().cpu()).abs().max().item()
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(path: str) -> str:
-    """A checkpoint directory as given, or a run directory's latest complete checkpoint."""
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return path
-    done = [d for d in os.listdir(path) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()] \
-        if os.path.isdir(path) else []
-    done = [d for d in done if os.path.isfile(os.path.join(path, d, "trainer_state.json"))]
-    if not done:
-        raise SystemExit(f"--resume {path}: no complete checkpoint there (a directory with trainer_state.json, "
-                         "or a run directory holding checkpoint-<step>/)")
-    return os.path.join(path, max(done, key=lambda d: int(d.split("-")[-1])))
-
-
-def keep_metrics_until(path: str, step: int) -> None:
-    """On --resume: drop the rows of metrics.jsonl past the checkpoint's step (a run killed while saving wrote
-    them), so that the file reads as one run."""
-    if not os.path.isfile(path):
-        return
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    rows.append(line.rstrip("\n") + "\n")
-            except (ValueError, KeyError):  # a line cut short by the kill
-                pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-
-def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int, rank_state: dict) -> str:
-    """A Hugging Face directory (weights, config, tokenizer) plus everything --resume needs
-    (`rank_state`: this rank's own, with its RNG states), written under a temporary name and
-    renamed once complete."""
-    final = os.path.join(run_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    module = engine.module
-    if engine.zero_optimization_partition_weights():  # ZeRO-3: gather a consolidated copy on rank 0
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = module.state_dict()
-    if rank == 0:
-        module.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-    del state_dict
-    engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({**rank_state, "rng": rng}, os.path.join(tmp, f"rank_state_{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # its presence marks "complete"
-            json.dump(state, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    dist.barrier()
-    return final
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def validate(args: Args) -> None:
-    """Bad flags fail here, before any model is loaded."""
-    G, W = args.num_generations, args.world_size
-    problems = []
-    if G < 2:
-        problems.append(f"--num-generations {G}: a group needs at least 2 completions")
-    if args.prompts_per_step < 1 or args.prompts_per_step % W:
-        problems.append(f"--prompts-per-step {args.prompts_per_step} must be a positive multiple of the {W} ranks")
-    else:
-        local = args.prompts_per_step // W * G
-        if args.num_mini_batches < 1 or local % args.num_mini_batches:
-            problems.append(f"each rank's {local} completions per step do not split into "
-                            f"--num-mini-batches {args.num_mini_batches}")
-        elif args.micro_batch_size < 1 or (local // args.num_mini_batches) % args.micro_batch_size:
-            problems.append(f"each rank's mini-batch of {local // args.num_mini_batches} completions is not a "
-                            f"multiple of --micro-batch-size {args.micro_batch_size}")
-    if args.num_iterations < 1:
-        problems.append("--num-iterations must be at least 1")
-    if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
-        problems.append(f"--reward-weights has {len(args.reward_weights)} values for "
-                        f"{len(args.reward_funcs)} --reward-funcs")
-    if not args.reward_funcs:
-        problems.append("--reward-funcs is empty")
-    if not 0 < args.temperature:
-        problems.append(f"--temperature {args.temperature} must be > 0 (greedy decoding gives G identical "
-                        "completions, so every advantage would be 0)")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top-p {args.top_p} must be in (0, 1]")
-    if not (0 <= args.epsilon < 1 and args.epsilon_high >= 0):
-        problems.append("--epsilon must be in [0, 1) and --epsilon-high >= 0")
-    if args.beta < 0 or args.learning_rate <= 0:
-        problems.append("--beta must be >= 0 and --learning-rate > 0")
-    if args.max_prompt_length < 1 or args.max_completion_length < 1 or args.total_steps < 1:
-        problems.append("--max-prompt-length, --max-completion-length and --total-steps must be >= 1")
-    if not 0 <= args.warmup_ratio < 1:
-        problems.append(f"--warmup-ratio {args.warmup_ratio} must be in [0, 1)")
-    if min(args.save_steps, args.log_completions, args.max_generated_tokens, args.logprob_chunk_size,
-           args.sync_check_steps, args.sync_bucket_mb) < 0:
-        problems.append("--save-steps, --log-completions, --max-generated-tokens, --logprob-chunk-size, "
-                        "--sync-check-steps and --sync-bucket-mb must be >= 0")
-    if not 0 < args.vllm_gpu_memory_utilization <= 1:
-        problems.append(f"--vllm-gpu-memory-utilization {args.vllm_gpu_memory_utilization} must be in (0, 1]")
-    if args.vllm_tensor_parallel_size < 1 or W % args.vllm_tensor_parallel_size:
-        problems.append(f"--vllm-tensor-parallel-size {args.vllm_tensor_parallel_size} must divide the {W} ranks")
-    if problems:
-        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
-
-
-def resolve_engine_flags(args: Args, on_gpu: bool, vllm_importable: bool) -> list[str]:
-    """Settle --use-vllm, --vllm-sleep and --gradient-checkpointing for this machine (before they are
-    recorded in args.json and wandb); returns what was changed, to be logged."""
-    notes = []
-    if args.use_vllm and not vllm_importable:
-        args.use_vllm = False
-        notes.append("vLLM is not importable: generating with transformers instead")
-    if args.vllm_sleep == "on" and not (on_gpu and args.use_vllm):
-        notes.append("--vllm-sleep on: " + ("no vLLM engine" if on_gpu else "vLLM's CPU build has no sleep mode")
-                     + "; off")
-    args.vllm_sleep = "on" if args.vllm_sleep in ("on", "auto") and on_gpu and args.use_vllm else "off"
-    if args.gradient_checkpointing == "auto":
-        args.gradient_checkpointing = "on" if on_gpu else "off"
-    return notes
+AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)  # sdpa's masks for every other call
 
 
 def prompt_sharing_unsupported(config) -> Optional[str]:
-    """Why the model's attention cannot be computed by shared_prompt_attention, or None. Its segments replace the
-    mask the model would build, so they are exact only where that one is plain causal: no sliding window
-    (docs/algorithms.md (6.7)). A multimodal model's text config holds its layers."""
+    """Why shared_prompt_attention cannot stand in for the model's attention (sliding windows), or None (6.7)."""
     config = config.get_text_config()
     windows = [t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"]
     if windows or (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
@@ -963,272 +499,51 @@ def prompt_sharing_unsupported(config) -> Optional[str]:
     return None
 
 
-def vllm_is_importable() -> tuple[bool, str]:
-    try:
-        from vllm import LLM  # noqa: F401
-    except Exception as e:  # not installed, or a broken install (e.g. a mismatched torchvision)
-        return False, f"{type(e).__name__}: {e}"
-    return True, ""
+@dataclass
+class Rollout:
+    """One rank's batch of a step: G consecutive completions per prompt, and what the loss needs."""
+
+    prompt_ids: list  # n token-id lists, the prompt of each completion
+    completion_ids: list  # n token-id lists
+    advantages: torch.Tensor  # [n]
+    loss_mask: torch.Tensor  # [n, T] 1 on the completion tokens in the loss; T = the longest completion
+    pad_id: int
+    old_logp: Optional[torch.Tensor] = None  # [n, T] ℓold when the policy moves within the step; 0 on padding
+    ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref when β > 0; 0 on padding
+    packed: bool = False  # micro-batches as pack's rows (6.7), else collate's
+
+    def micro_batch(self, ix: list, device) -> dict:
+        """Rows `ix` as model inputs, with their rows of the [n, T] tensors cut to their longest completion."""
+        prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
+        batch = (pack if self.packed else collate)(prompts, completions, self.pad_id, device)
+        width = batch["completion_ids"].shape[1]
+        cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
+        batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
+        batch["advantages"] = self.advantages[ix].to(device)
+        return batch
 
 
-def deepspeed_config(args: Args, on_gpu: bool, grad_accum: int) -> dict:
-    """The DeepSpeed config of the policy: ZeRO stage, micro-batching, clipping, precision."""
-    config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": args.max_grad_norm,  # DeepSpeed 0.19 clips to 1.0 when this is unset
-        "zero_optimization": {
-            "stage": args.zero_stage,
-            "stage3_gather_16bit_weights_on_model_save": True,
-            # docs/algorithms.md (6.8): with checkpointing a plain F.linear keeps one layer's gathered weights
-            # until that layer's backward, so DeepSpeed's slower memory-efficient Linear buys nothing
-            "memory_efficient_linear": args.gradient_checkpointing != "on",
-        },
-        "bf16": {"enabled": on_gpu},  # bf16 on GPU; CPU kernels train in fp32
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    if on_gpu and args.zero_stage > 0:
-        # bf16 weights, but gradients accumulated over micro-batches and reduced over ranks in fp32
-        # (DeepSpeed's default is bf16 for both; without ZeRO it supports only bf16)
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-        config["communication_data_type"] = "fp32"
-    return config
+def completion_mask(lengths: list) -> torch.Tensor:
+    """[n, T] mask of the first lengths[i] positions of row i; T = the longest completion."""
+    return (torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]).float()
 
 
-def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
-    """The policy as a DeepSpeed engine (AdamW, schedule), and the frozen reference when β > 0."""
-    if args.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
-    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    if args.share_prompts and policy.config._attn_implementation != "sdpa":
-        raise SystemExit(f"--share-prompts computes attention with sdpa; {args.model} loaded "
-                         f"{policy.config._attn_implementation!r}: pass --no-share-prompts")
-    if args.share_prompts:  # docs/algorithms.md (6.7): pack's shared-prompt rows, attention segment by segment
-        policy.set_attn_implementation(SHARED_PROMPT_ATTENTION)
-    if args.gradient_checkpointing == "on":
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.zero_stage == 3 and args.zero3_leaf_layers:
-        zero3_leaf_layers(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    warmup = int(args.warmup_ratio * total_updates)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_schedule, warmup, total_updates, args.min_lr_ratio))
-    engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    engine.train()
-    ref_engine = None
-    if args.beta > 0:  # docs/algorithms.md (1.5): with β = 0 the reference is never loaded
-        keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16")
-        ref_config = {k: ds_config[k] for k in keys}
-        # no autograd graph in the reference's forward: nothing for DeepSpeed's memory-efficient Linear to save
-        ref_config["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0, "memory_efficient_linear": False}
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        if args.share_prompts:
-            ref_model.set_attn_implementation(SHARED_PROMPT_ATTENTION)
-        if args.zero_stage == 3 and args.zero3_leaf_layers:
-            zero3_leaf_layers(ref_model)
-        ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
-        ref_engine.eval()
-    return engine, ref_engine
-
-
-def zero3_leaf_layers(model) -> list:
-    """Mark the model's decoder layers (transformers' `_no_split_modules`) as ZeRO-3 leaf modules, before
-    deepspeed.initialize: docs/algorithms.md (6.8), one fetch, release and hook per layer and pass instead of one
-    per Linear and norm. Returns the classes marked (none: the model names no layer class; hooks stay per module)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    classes = sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
-    if classes:
-        deepspeed.utils.set_z3_leaf_modules(model, classes)
-    return classes
-
-
-def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
-    """The colocated vLLM engine of this rank (one per --vllm-tensor-parallel-size ranks), and the
-    process group of the ranks that share it (None without tensor parallelism)."""
-    from vllm import LLM
-
-    tp = args.vllm_tensor_parallel_size
-    tp_group = None
-    if tp > 1:  # consecutive ranks form one engine, as vLLM's external launcher expects
-        tp_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(s, s + tp)) for s in range(0, dist.get_world_size(), tp)])
-    max_len = args.max_prompt_length + args.max_completion_length
-    # vLLM's CPU build sizes its KV cache as a fraction of the node's RAM minus what this process already
-    # holds, which fails once the trainer's models are loaded: there it holds the step's batch instead
-    # (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides this)
-    sequences = tp * args.prompts_per_step // dist.get_world_size() * args.num_generations
-    kv_bytes = None if on_gpu else max(2 * kv_cache_bytes(args.model, sequences, max_len, 4), 2**28)  # 2×: blocks
-    llm = LLM(
-        model=args.model, seed=args.seed + rank // tp, dtype=dtype,
-        distributed_executor_backend="external_launcher", tensor_parallel_size=tp,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_memory_bytes=kv_bytes,
-        max_model_len=max_len, enable_sleep_mode=args.vllm_sleep == "on",
-        generation_config="vllm",  # our sampling settings, not the model's defaults
-        # vLLM 0.32's CPU build crashes on a seeded request whose prefill is chunked ("CPU
-        # Generator does not use offset"), and the per-request seeds are what make --resume exact
-        enable_chunked_prefill=None if on_gpu else False,
-    )
-    return llm, tp_group
-
-
-def kv_cache_bytes(model: str, sequences: int, length: int, dtype_bytes: int) -> int:
-    """Bytes of keys and values for `sequences` sequences of `length` tokens of `model`."""
-    config = AutoConfig.from_pretrained(model)
-    config = getattr(config, "text_config", config)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * dtype_bytes * sequences * length
-
-
-def peak_gpu_memory_gib(on_gpu: bool) -> float:
-    """GPU memory held by tensors at most since the previous call, in GiB, and restart the count (0 on CPU).
-    Called between the phases of a step, it gives each phase's own peak (what it held and added)."""
-    if not on_gpu:
-        return 0.0
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    return peak
-
-
-def init_distributed() -> None:
-    """One process (`python grpo.py`) is a world of one; `deepspeed` sets these for every rank."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed()
-    if get_accelerator().device_name() == "cpu":
-        # DeepSpeed's CPU all-reduce maps one ~70 MB shared-memory file per rank and never unlinks it: every run
-        # would leave that much RAM taken in /dev/shm. Once every rank has mapped its peers' (during
-        # init_distributed), the names can go; the mappings stay.
-        dist.barrier()
-        env = os.environ
-        shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
-        if os.path.exists(shm):
-            os.remove(shm)
-
-
-def load_tokenizer(args: Args):
-    """The tokenizer, after checking that --model names a loadable model (config and tokenizer) whose
-    positions hold a prompt and a completion."""
-    model = args.model
-    try:
-        config = AutoConfig.from_pretrained(model)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except Exception as e:
-        hint = "no such directory" if model.startswith((".", "/", "~")) else \
-            "not a local directory, and the hub is unreachable or has no such id"
-        raise SystemExit(
-            f"--model {model}: cannot load it ({hint}; {type(e).__name__}).\n"
-            "Point --model at a local directory with config.json, weights and tokenizer files, e.g. "
-            "the one printed by ../shared/tools/prepare_smollm2.sh."
-        ) from None
-    longest = args.max_prompt_length + args.max_completion_length
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions and longest > positions and not getattr(config, "rope_scaling", None):
-        raise SystemExit(f"--max-prompt-length {args.max_prompt_length} + --max-completion-length "
-                         f"{args.max_completion_length} = {longest} tokens, more than the {positions} positions of "
-                         f"--model {model} (vLLM refuses it): lower one of the two")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def end_of_turn_token_id(tokenizer) -> Optional[int]:
-    """The special token the chat template writes right after an assistant message (`<|im_end|>`
-    for Qwen2.5), or None: base models end their turn with it, not with their EOS."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "MARKER_6b1f"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # a template that rejects this conversation has no end-of-turn token to find
-        return None
-    tail = text.split(marker)[-1].lstrip()
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else None
-
-
-def stop_token_ids(model: str, tokenizer) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS, the generation config's EOS ids and the
-    chat template's end-of-turn token (docs/algorithms.md (6.5))."""
-    ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
-    try:
-        eos = GenerationConfig.from_pretrained(model).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos])
-    except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
-        pass
-    return sorted(i for i in ids if i is not None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs and the update (the trainer side of a step)
-# ---------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """Per-step sums and counts, averaged over ranks at the end of the step."""
-
-    def __init__(self):
-        self.sums: dict[str, tuple[float, float]] = {}
-
-    def add(self, name: str, value_sum, count=1.0) -> None:
-        s, c = self.sums.get(name, (0.0, 0.0))
-        self.sums[name] = (s + float(value_sum), c + float(count))
-
-    def add_total(self, name: str, value) -> None:
-        """A quantity summed over ranks and over every call of the step (e.g. tokens generated), not averaged."""
-        s, _ = self.sums.get(name, (0.0, 0.0))
-        self.sums[name] = (s + float(value), 1.0 / dist.get_world_size())  # the counts of all ranks add up to 1
-
-    def reduce(self, device) -> dict:
-        keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
-
-
-def update_plan(n: int, args: Args, shuffle_generator: torch.Generator, sizes: Optional[list] = None,
-                prompts: Optional[list] = None) -> list:
-    """plan[pass][optimizer step][micro-batch] → completion indices of this rank's rollout (sizes: each sequence's
-    tokens, for micro-batches of balanced token counts; prompts: each sequence's prompt, when shared in a row).
-
-    Shuffled per pass when the policy moves within a step (μ > 1 or mini-batches > 1); the first
-    pass's micro-batches are also those of the old log-probs (docs/algorithms.md (6.1)).
-    """
+def update_plan(n: int, args: Args, shuffle_generator: torch.Generator, sizes: list, prompts: list) -> list:
+    """plan[pass][optimizer step][micro-batch] → completion indices, micro-batches balanced by tokens (6.7).
+    Shuffled per pass when the policy moves within a step; the first pass also gives ℓold (6.1)."""
     shuffle = args.num_iterations * args.num_mini_batches > 1
-    mini_size, micro = n // args.num_mini_batches, args.micro_batch_size
+    mini_size = n // args.num_mini_batches
     plan = []
     for _ in range(args.num_iterations):
         order = torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
         minis = [order[s : s + mini_size] for s in range(0, n, mini_size)]
-        if sizes is not None and args.micro_batch_by_tokens:
-            plan.append([balanced_split(mini, sizes, mini_size // micro, prompts) for mini in minis])
-        else:
-            plan.append([[mini[k : k + micro] for k in range(0, mini_size, micro)] for mini in minis])
+        plan.append([balanced_split(mini, sizes, mini_size // args.micro_batch_size, prompts) for mini in minis])
     return plan
 
 
-def balanced_split(ix: list, sizes: list, parts: int, prompts: Optional[list] = None) -> list:
-    """`ix` in `parts` groups of about equal total size, so no micro-batch of long sequences runs out of memory
-    while short ones waste a pass. The loss's normalisers count the whole optimizer step (1.4), so the split
-    does not change the loss. Without prompts: the longest first, each to the lightest group. With prompts (shared
-    in packed rows, 6.7), a prompt is computed once per micro-batch: the sequences, ordered prompt by prompt, are
-    cut into `parts` consecutive runs whose largest cost (a prompt counted once per run) is the least possible,
-    so a prompt's completions share a micro-batch except where a cut falls inside them."""
-    if prompts is None:
-        groups, load = [[] for _ in range(parts)], [0] * parts
-        for i in sorted(ix, key=lambda i: -sizes[i]):
-            g = min(range(parts), key=lambda g: (load[g], len(groups[g])))
-            groups[g].append(i)
-            load[g] += sizes[i]
-        return [sorted(g) for g in groups]
+def balanced_split(ix: list, sizes: list, parts: int, prompts: list) -> list:
+    """`ix` cut, prompt by prompt, into `parts` consecutive runs whose largest cost (a prompt counted once per
+    run) is the least possible (6.7); the loss does not depend on the split (1.4)."""
     key, first = {i: tuple(prompts[i]) for i in ix}, {}
     for i in ix:
         first.setdefault(key[i], len(first))
@@ -1258,15 +573,173 @@ def balanced_split(ix: list, sizes: list, parts: int, prompts: Optional[list] = 
     return [sorted(g) for g in groups]
 
 
+# ---------------------------------------------------------------------------------------------
+# Generation and weight sync
+# ---------------------------------------------------------------------------------------------
+
+
+def request_seed(seed: int, round_id: int, rank: int, i: int) -> int:
+    """Per-request sampling seed: generation is a function of (weights, seed, round), so --resume is exact (6.5)."""
+    return (seed * 1_000_003 + round_id * 10_007 + rank * 101 + i) % (2**31)
+
+
+def sample_and_score(llm, engine, tokenizer, reward_funcs: list, examples: list, temperatures: list, round_id: int,
+                     args: Args, stop_ids: list):
+    """G completions per example, each example at its own temperature: (token ids, hit the length limit) pairs,
+    their text, the rewards [F, n] (NaN: cannot score) and the seconds spent generating."""
+    t0 = time.perf_counter()
+    prompt_ids = [e["prompt_ids"] for e in examples]
+    seeds = [request_seed(args.seed, round_id, dist.get_rank(), i) for i in range(len(prompt_ids))]
+    if llm is not None:
+        generated = vllm_generate(llm, prompt_ids, temperatures, seeds, args, stop_ids)
+    else:
+        synced = args.zero_stage == 3 and dist.get_world_size() > 1  # every rank runs the ZeRO-3 forward together
+        generated = hf_generate(engine.module, prompt_ids, temperatures, seeds[0], args, stop_ids,
+                                tokenizer.pad_token_id, synced)
+    seconds = time.perf_counter() - t0
+    completion_ids = [c for c, _ in generated]
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    values = score(reward_funcs, args.reward_funcs, examples, completions, completion_ids, args.num_generations)
+    return generated, completions, values, seconds
+
+
+def vllm_generate(llm, prompt_ids: list, temperatures: list, seeds: list, args: Args, stop_ids: list) -> list:
+    """The colocated engine: one batched call, one SamplingParams (temperature, seed) per prompt."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, seed=s,
+                             max_tokens=args.max_completion_length, stop_token_ids=stop_ids)
+              for t, s in zip(temperatures, seeds)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+    return [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
+
+
+class RowTemperatureTopP(LogitsProcessor):
+    """Per-row temperature, then top-p: vLLM's order of the two, with one temperature per prompt."""
+
+    def __init__(self, temperatures: torch.Tensor, top_p: float):
+        self.temperatures = temperatures.unsqueeze(-1)  # [rows, 1]
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None
+
+    def __call__(self, input_ids, scores):
+        scores = scores / self.temperatures
+        return self.top_p(input_ids, scores) if self.top_p is not None else scores
+
+
+@torch.no_grad()
+def hf_generate(model, prompt_ids: list, temperatures: list, seed: int, args: Args, stop_ids: list, pad_id: int,
+                synced: bool) -> list:
+    """transformers generate with vLLM's sampling (per-prompt temperature, top-p, no top-k, the same stops)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    p_len = max(len(p) for p in prompt_ids)
+    ids = torch.tensor([[pad_id] * (p_len - len(p)) + p for p in prompt_ids], device=device)  # [P, p_len]
+    attn = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    row_temperatures = torch.tensor(temperatures, device=device).repeat_interleave(args.num_generations)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, use_cache=True,
+                              max_new_tokens=args.max_completion_length, num_return_sequences=args.num_generations,
+                              eos_token_id=stop_ids, pad_token_id=pad_id)
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config, synced_gpus=synced,
+                         logits_processor=[RowTemperatureTopP(row_temperatures, args.top_p)])
+    model.train()
+    result = []
+    for row in out[:, p_len:].tolist():
+        cut = next((j + 1 for j, t in enumerate(row) if t in stop_ids), None)
+        result.append((row[:cut] if cut else row, cut is None))
+    return result
+
+
+def sync_weights_to_vllm(model: torch.nn.Module, llm) -> None:
+    """Hand the policy's weights to vLLM from the ZeRO-3 shards, bucket by bucket, a decoder layer never split
+    (docs/algorithms.md (6.10)): no rank ever holds a second full copy of the model."""
+
+    def layer_of(name: str) -> str:
+        parts = name.split(".")
+        for j, p in enumerate(parts[:-1]):
+            if p in ("layers", "h", "blocks") and parts[j + 1].isdigit():
+                return ".".join(parts[: j + 2])
+        return name
+
+    buckets, current, size, last_layer = [], [], 0, None
+    for name, p in model.named_parameters():
+        nbytes = getattr(p, "ds_numel", p.numel()) * p.element_size()  # an ungathered ZeRO-3 parameter has numel 0
+        layer = layer_of(name)
+        if current and size + nbytes > SYNC_BUCKET_BYTES and layer != last_layer:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, p))
+        size += nbytes
+        last_layer = layer
+    buckets.append(current)
+
+    def weights():
+        for bucket in buckets:
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket]):
+                yield from ((name, p.data) for name, p in bucket)
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})  # one call: vLLM finalises once
+    llm.collective_rpc(repack_tied_lm_head)
+    llm.reset_prefix_cache()
+
+
+def end_of_turn_token_id(tokenizer) -> Optional[int]:
+    """The special token the chat template writes after an assistant message (`<|im_end|>` for Qwen2.5), or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "MARKER_6b1f"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that rejects this conversation has no end-of-turn token to find
+        return None
+    tail = text.split(marker)[-1].lstrip()
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(model: str, tokenizer) -> list[int]:
+    """The tokenizer's EOS, the generation config's EOS ids and the chat template's end-of-turn token (6.5)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+    except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
+        pass
+    return sorted(i for i in ids if i is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update
+# ---------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Per-step sums and counts, averaged over ranks at the end of the step."""
+
+    def __init__(self):
+        self.sums: dict[str, tuple[float, float]] = {}
+
+    def add(self, name: str, value_sum, count=1.0) -> None:
+        s, c = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (s + float(value_sum), c + float(count))
+
+    def add_total(self, name: str, value) -> None:
+        """A quantity summed over ranks (e.g. tokens generated), not averaged."""
+        s, _ = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (s + float(value), 1.0 / dist.get_world_size())  # the counts of all ranks add up to 1
+
+    def reduce(self, device) -> dict:
+        keys = sorted(self.sums)
+        t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
+
+
 @torch.no_grad()
 def rollout_logprobs(engine, ref_engine, rollout: Rollout, micro_batches: list, args: Args, device) -> None:
-    """Fill rollout.old_logp and rollout.ref_logp ([n, T], 0 on padding).
-
-    docs/algorithms.md (6.1): with μ = 1 and one mini-batch the policy has not moved when each
-    micro-batch is trained on, so ℓold = ℓθ exactly: the update uses the detached training log-probs
-    and this pass is skipped. Otherwise ℓold comes from the same micro-batches (same composition,
-    same padding) as the update's first pass, so that pass's ratio is exactly 1, in bf16 too.
-    """
+    """Fill rollout.old_logp (only when the policy moves within the step, (6.1)) and rollout.ref_logp ([n, T])."""
     need_old = args.num_iterations * args.num_mini_batches > 1
     n, T = rollout.loss_mask.shape
     rollout.old_logp = torch.zeros(n, T, device=device) if need_old else None
@@ -1276,30 +749,26 @@ def rollout_logprobs(engine, ref_engine, rollout: Rollout, micro_batches: list, 
         width = batch["completion_ids"].shape[1]
         for model, out in ((engine, rollout.old_logp), (ref_engine, rollout.ref_logp)):
             if out is not None:
-                logp, _ = completion_logprobs(model, batch, args.temperature, chunk_size=args.logprob_chunk_size)
+                logp, _ = completion_logprobs(model, batch, args.temperature)
                 out[ix, :width] = logp * batch["completion_mask"]
 
 
 def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Metrics, device) -> None:
-    """μ passes over this rank's rollout, each split into optimizer steps, gradients accumulated
-    over micro-batches (docs/algorithms.md (1.4))."""
+    """μ passes over this rank's rollout, each split into optimizer steps, gradients accumulated over
+    micro-batches (docs/algorithms.md (1.4))."""
     world, skipped = dist.get_world_size(), 0
     for it, optimizer_steps in enumerate(plan):
         for micro_batches in optimizer_steps:
-            # (1.4): the normalisers count the sequences and tokens in the loss of the whole optimizer
-            # step, over every micro-batch and every rank
+            # (1.4): the normalisers count the whole optimizer step, every micro-batch and rank
             rows = [i for ix in micro_batches for i in ix]
             in_loss = rollout.loss_mask[rows]  # [rows, T]
             seqs = in_loss.any(1)  # [rows]
-            # [rows]: in the loss with A ≠ 0 (|A| ≤ 1e-6 is the float noise of equal rewards: 1e-13 after a mean)
-            signal = seqs & (rollout.advantages[rows].abs() > 1e-6)
+            signal = seqs & (rollout.advantages[rows].abs() > 1e-6)  # [rows]; (6.9): 1e-6 is float noise
             counts = torch.tensor([seqs.sum().item(), in_loss.sum().item(), signal.sum().item()],
                                   dtype=torch.float64, device=device)
             dist.all_reduce(counts)
             num_seqs, num_tokens, num_signal = (int(c) for c in counts.tolist())
-            # no token in the loss, or (6.9) no non-zero advantage in it: no step (else a KL or entropy term alone
-            # would get a full-size Adam step)
-            if num_tokens == 0 or (num_signal == 0 and args.skip_no_signal):
+            if num_tokens == 0 or (num_signal == 0 and args.skip_no_signal):  # (6.9)
                 skipped += 1
                 continue
             loss_sum = 0.0
@@ -1309,17 +778,15 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
                 real = sum(len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) for i in ix)
                 positions = batch["input_ids"].numel()
                 metrics.add("update/padding_fraction", positions - batch["tokens"], positions)
-                metrics.add_total("update/real_tokens", real)  # the sequences' tokens, a shared prompt counted each time
+                metrics.add_total("update/real_tokens", real)  # a shared prompt counted once per completion
                 metrics.add_total("update/computed_tokens", positions)
-                logp, entropy = completion_logprobs(engine, batch, args.temperature, with_entropy=it == 0,
-                                                    chunk_size=args.logprob_chunk_size)
+                logp, entropy = completion_logprobs(engine, batch, args.temperature, with_entropy=it == 0)
                 old = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
                 # ALGO LOGIC: the per-token loss and its weight (docs/algorithms.md (1.2)–(1.4))
                 tok_loss, kl, low, high = grpo_token_loss(logp, old, batch["advantages"], mask, args.epsilon,
                                                           args.epsilon_high, batch["ref_logp"], args.beta)
                 weights = token_weights(mask, args.loss_type, num_seqs, num_tokens, args.max_completion_length)
-                # DeepSpeed averages gradients over ranks and we undo its 1/GAS: scale by world
-                loss = (tok_loss * weights).sum() * world
+                loss = (tok_loss * weights).sum() * world  # DeepSpeed averages over ranks; we undo its 1/GAS
                 engine.backward(loss, scale_wrt_gas=False)
                 engine.step()
                 loss_sum += loss.item() / world
@@ -1338,53 +805,222 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
     metrics.add("update/skipped_steps", skipped, 1.0)  # the same on every rank
 
 
+def log_rollout(add, values, total: torch.Tensor, names: list, G: int, lengths: list, truncated: list) -> None:
+    """The step's reward and completion metrics (docs/algorithms.md §7)."""
+    for name, v in zip(names, values):
+        add(f"rewards/{name}/mean", torch.nansum(v), (~v.isnan()).sum())
+        add(f"rewards/{name}/unscorable", v.isnan().sum(), len(v))
+    add("reward", torch.nansum(total), (~total.isnan()).sum())
+    grouped = total.view(-1, G)  # [prompts, G]
+    group_std = torch.stack([g[~g.isnan()].std() if (~g.isnan()).sum() > 1 else torch.zeros((), dtype=g.dtype)
+                             for g in grouped])  # [prompts]
+    add("reward_std", group_std.sum(), len(grouped))
+    add("frac_reward_zero_std", (group_std < 1e-6).sum(), len(grouped))
+    add("completions/mean_length", sum(lengths), len(lengths))
+    add("completions/clipped_ratio", sum(truncated), len(truncated))
+
+
 # ---------------------------------------------------------------------------------------------
-# Main
+# Checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    args = tyro.cli(Args)
-    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    validate(args)
-    reward_funcs = [rewards.get_reward_func(n) for n in args.reward_funcs]
-    reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float64)
-    tokenizer = load_tokenizer(args)
-    stop_ids = stop_token_ids(args.model, tokenizer)
-    ds, q_field, a_field = load_rows(args)
-    examples, n_missing, n_long = prepare_prompts(ds, q_field, a_field, tokenizer, args)
-    if len(examples) < args.prompts_per_step:
-        raise SystemExit(
-            f"--dataset {args.dataset}: only {len(examples)} usable prompts ({n_missing} without question/gold, "
-            f"{n_long} longer than --max-prompt-length {args.max_prompt_length}), fewer than --prompts-per-step"
-        )
+def latest_checkpoint(path: str) -> str:
+    """A checkpoint directory as given, or a run directory's latest complete checkpoint."""
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return path
+    done = [d for d in (os.listdir(path) if os.path.isdir(path) else []) if d.split("-")[-1].isdigit()
+            and d.startswith("checkpoint-") and os.path.isfile(os.path.join(path, d, "trainer_state.json"))]
+    if not done:
+        raise SystemExit(f"--resume {path}: no complete checkpoint there (a directory with trainer_state.json, "
+                         "or a run directory holding checkpoint-<step>/)")
+    return os.path.join(path, max(done, key=lambda d: int(d.split("-")[-1])))
 
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    accel = get_accelerator()
-    on_gpu = accel.device_name() == "cuda"
-    if on_gpu:
-        accel.set_device(local_rank)
-    device = torch.device(accel.device_name(local_rank) if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32  # CPU kernels train in fp32
-    log = tqdm.write if rank == 0 else (lambda *a, **k: None)
-    if not on_gpu and "libtcmalloc" not in os.environ.get("LD_PRELOAD", ""):
-        log("CPU: preloading tcmalloc and Intel OpenMP makes a step 30-40% faster (README, Setup): "
-            "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:$(python -c "
-            "'import sys; print(sys.prefix)')/lib/libiomp5.so")
-    vllm_ok, vllm_error = vllm_is_importable() if args.use_vllm else (False, "")
-    for note in resolve_engine_flags(args, on_gpu, vllm_ok):
-        log(note + (f" ({vllm_error})" if "importable" in note else ""))
-    unshared = prompt_sharing_unsupported(AutoConfig.from_pretrained(args.model)) if args.share_prompts else None
-    if unshared and args.padding_free:
-        log(f"--share-prompts off: {unshared}")
-    args.share_prompts = args.share_prompts and args.padding_free and not unshared
 
-    # run name, resume state, tracking (every flag is settled by now: what is recorded is what runs)
+def keep_metrics_until(path: str, step: int) -> None:
+    """On --resume: drop the metrics.jsonl rows past the checkpoint's step (written before a kill)."""
+    if not os.path.isfile(path):
+        return
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line.rstrip("\n") + "\n")
+            except (ValueError, KeyError):  # a line cut short by the kill
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int, rank_state: dict) -> str:
+    """A Hugging Face directory plus what --resume needs (DeepSpeed state, each rank's RNG and `rank_state`),
+    written under a temporary name and renamed once complete."""
+    final = os.path.join(run_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: a consolidated copy on rank 0
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict()
+    if rank == 0:
+        engine.module.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+    del state_dict
+    engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({**rank_state, "rng": rng}, os.path.join(tmp, f"rank_state_{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # its presence marks "complete"
+            json.dump(state, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine, resume_dir: str, rank: int) -> dict:
+    """Restore the DeepSpeed state and this rank's RNGs; returns this rank's saved state."""
+    engine.load_checkpoint(os.path.join(resume_dir, "deepspeed"), tag="state")
+    rank_state = torch.load(os.path.join(resume_dir, f"rank_state_{rank}.pt"), weights_only=False)
+    random.setstate(rank_state["rng"]["python"])
+    np.random.set_state(rank_state["rng"]["numpy"])
+    torch.set_rng_state(rank_state["rng"]["torch"])
+    return rank_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(args: Args, world: int) -> None:
+    """Bad flags fail here, before any model is loaded."""
+    G, problems = args.num_generations, []
+    local = args.prompts_per_step // world * G  # completions per rank and step
+    if G < 2:
+        problems.append(f"--num-generations {G}: a group needs at least 2 completions")
+    if args.prompts_per_step < 1 or args.prompts_per_step % world:
+        problems.append(f"--prompts-per-step {args.prompts_per_step} must be a positive multiple of the {world} ranks")
+    elif args.num_mini_batches < 1 or local % args.num_mini_batches:
+        problems.append(f"each rank's {local} completions do not split into --num-mini-batches {args.num_mini_batches}")
+    elif args.micro_batch_size < 1 or (local // args.num_mini_batches) % args.micro_batch_size:
+        problems.append(f"each rank's mini-batch of {local // args.num_mini_batches} completions is not a multiple "
+                        f"of --micro-batch-size {args.micro_batch_size}")
+    if not args.reward_funcs or len(args.reward_weights or args.reward_funcs) != len(args.reward_funcs):
+        problems.append("--reward-funcs must be non-empty, with one --reward-weights value each")
+    if not 0 < args.temperature:
+        problems.append(f"--temperature {args.temperature} must be > 0 (greedy decoding makes every advantage 0)")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p {args.top_p} must be in (0, 1]")
+    if not (0 <= args.epsilon < 1 and args.epsilon_high >= 0):
+        problems.append("--epsilon must be in [0, 1) and --epsilon-high >= 0")
+    if args.beta < 0 or args.learning_rate <= 0 or not 0 <= args.warmup_ratio < 1:
+        problems.append("--beta must be >= 0, --learning-rate > 0 and --warmup-ratio in [0, 1)")
+    if min(args.max_prompt_length, args.max_completion_length, args.total_steps, args.num_iterations) < 1:
+        problems.append("--max-prompt-length, --max-completion-length, --total-steps and --num-iterations must be >= 1")
+    if min(args.save_steps, args.max_generated_tokens) < 0:
+        problems.append("--save-steps and --max-generated-tokens must be >= 0")
+    if not 0 < args.vllm_gpu_memory_utilization <= 1:
+        problems.append(f"--vllm-gpu-memory-utilization {args.vllm_gpu_memory_utilization} must be in (0, 1]")
+    if problems:
+        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def load_tokenizer(args: Args):
+    """The tokenizer, after checking that --model loads and holds a prompt and a completion."""
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except Exception as e:
+        raise SystemExit(f"--model {args.model}: cannot load it ({type(e).__name__}). Give a hub id, or a local "
+                         "directory with config, weights and tokenizer (tools/prepare_smollm2.sh builds one)") from None
+    longest = args.max_prompt_length + args.max_completion_length
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and longest > positions and not getattr(config, "rope_scaling", None):
+        raise SystemExit(f"--max-prompt-length + --max-completion-length = {longest} tokens, more than the "
+                         f"{positions} positions of --model {args.model}: lower one of the two")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def deepspeed_config(args: Args, on_gpu: bool, grad_accum: int) -> dict:
+    """The policy's DeepSpeed config: ZeRO stage, micro-batching, clipping, precision."""
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips to 1.0 when this is unset
+        "zero_optimization": {
+            "stage": args.zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "memory_efficient_linear": args.gradient_checkpointing != "on",  # (6.8)
+        },
+        "bf16": {"enabled": on_gpu},  # CPU kernels train in fp32
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    if on_gpu and args.zero_stage > 0:  # bf16 weights; gradients accumulated and reduced in fp32
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
+
+
+def load_model(args: Args, dtype, packed: bool):
+    """The model for DeepSpeed: shared-prompt attention when packed (6.7), ZeRO-3 hooks per decoder layer (6.8)."""
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if packed and model.config._attn_implementation == "sdpa":  # else padded rows, with the model's attention
+        model.set_attn_implementation(SHARED_PROMPT_ATTENTION)
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    classes = sorted({type(m) for m in model.modules() if type(m).__name__ in layers}, key=lambda c: c.__name__)
+    if args.zero_stage == 3 and classes:
+        deepspeed.utils.set_z3_leaf_modules(model, classes)
+    return model
+
+
+def setup_models(args: Args, ds_config: dict, dtype, total_updates: int, packed: bool):
+    """The policy as a DeepSpeed engine (AdamW, schedule), and the frozen reference when β > 0 (1.5)."""
+    if args.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
+    policy = load_model(args, dtype, packed)
+    if args.gradient_checkpointing == "on":
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    schedule = lr_lambda(args.lr_schedule, int(args.warmup_ratio * total_updates), total_updates, MIN_LR_RATIO)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine.train()
+    if args.beta == 0:
+        return engine, None
+    ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16")}
+    ref_config["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0, "memory_efficient_linear": False}
+    ref_engine, *_ = deepspeed.initialize(model=load_model(args, dtype, packed), config=ref_config)
+    ref_engine.eval()
+    return engine, ref_engine
+
+
+def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
+    """The colocated vLLM engine of this rank."""
+    from vllm import LLM
+
+    max_len = args.max_prompt_length + args.max_completion_length
+    sequences = args.prompts_per_step // dist.get_world_size() * args.num_generations
+    return LLM(model=args.model, seed=args.seed + rank, dtype=dtype, distributed_executor_backend="external_launcher",
+               gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_model_len=max_len,
+               enable_sleep_mode=on_gpu, generation_config="vllm",  # our sampling settings, not the model's
+               **({} if on_gpu else cpu_vllm_kwargs(args.model, sequences, max_len)))
+
+
+def start_run(args: Args, world: int, rank: int) -> tuple:
+    """The run's state (fresh, or the checkpoint's for --resume), its directory with args.json, and wandb."""
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
-    pool = []  # --refill: kept groups waiting for the next step
     state = {"step": 0, "data_pos": 0, "tokens_generated": 0, "wandb_id": None,
              "run_name": f"{args.exp_name}__{args.seed}__{int(time.time())}"}
     if resume_dir:
@@ -1395,53 +1031,148 @@ def main() -> None:
                              "resume with the same number of ranks")
     obj = [state["run_name"]]
     dist.broadcast_object_list(obj, src=0)  # every rank uses rank 0's clock
-    run_name = state["run_name"] = obj[0]
-    run_dir = os.path.join(args.output_dir, run_name)
+    state["run_name"] = obj[0]
+    run_dir = os.path.join(args.output_dir, state["run_name"])
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-    log(f"run {run_name}: {len(examples)} prompts ({n_missing} rows without question/gold skipped, {n_long} over "
-        f"{args.max_prompt_length} tokens {'skipped' if args.long_prompts == 'skip' else 'truncated'})")
+        if resume_dir:
+            keep_metrics_until(os.path.join(run_dir, "metrics.jsonl"), state["step"])
     wandb_run = None
     if args.track and rank == 0:
         import wandb
 
-        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                               id=state.get("wandb_id"), resume="allow", config=asdict(args))
+        wandb_run = wandb.init(project=args.wandb_project_name, name=state["run_name"], id=state.get("wandb_id"),
+                               resume="allow", config=asdict(args))
         state["wandb_id"] = wandb_run.id  # saved in checkpoints: --resume continues the same wandb run
+    return state, resume_dir, run_dir, wandb_run
 
-    # seeding
+
+def setup(args: Args, on_gpu: bool, log):
+    """Everything before the first step: data, settled flags, run directory, models, vLLM, --resume."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tokenizer = load_tokenizer(args)
+    ds, q_field, a_field = load_rows(args)
+    examples, n_missing, n_long = prepare_prompts(ds, q_field, a_field, tokenizer, args)
+    if len(examples) < args.prompts_per_step:
+        raise SystemExit(f"--dataset {args.dataset}: only {len(examples)} usable prompts ({n_missing} without question "
+                         f"or gold, {n_long} longer than --max-prompt-length {args.max_prompt_length}), fewer than "
+                         "--prompts-per-step")
+    if args.use_vllm:
+        try:
+            from vllm import LLM  # noqa: F401
+        except Exception as e:  # not installed, or a broken install
+            args.use_vllm = False
+            log(f"vLLM is not importable ({type(e).__name__}: {e}): generating with transformers instead")
+    if args.gradient_checkpointing == "auto":
+        args.gradient_checkpointing = "on" if on_gpu else "off"
+    unshared = prompt_sharing_unsupported(AutoConfig.from_pretrained(args.model))
+    if unshared:
+        log(f"padded micro-batches: {unshared}")
+    state, resume_dir, run_dir, wandb_run = start_run(args, world, rank)  # after every flag is settled
+    log(f"run {state['run_name']}: {len(examples)} prompts ({n_missing} without question/gold, {n_long} over "
+        f"{args.max_prompt_length} tokens skipped)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-
-    # policy and reference (DeepSpeed), then the colocated vLLM engine
-    G = args.num_generations
-    local_prompts = args.prompts_per_step // world
-    local_completions = local_prompts * G
-    grad_accum = local_completions // args.num_mini_batches // args.micro_batch_size
+    dtype = torch.bfloat16 if on_gpu else torch.float32  # CPU kernels train in fp32
+    grad_accum = args.prompts_per_step // world * args.num_generations // args.num_mini_batches // args.micro_batch_size
     total_updates = args.total_steps * args.num_iterations * args.num_mini_batches
-    engine, ref_engine = setup_models(args, deepspeed_config(args, on_gpu, grad_accum), dtype, total_updates)
-    # vLLM's engine reseeds Python's, NumPy's and torch's RNGs when it starts: start it before they are restored
-    llm, tp_group = setup_vllm(args, rank, dtype, on_gpu) if args.use_vllm else (None, None)
+    engine, ref_engine = setup_models(args, deepspeed_config(args, on_gpu, grad_accum), dtype, total_updates,
+                                      packed=not unshared)
+    llm = setup_vllm(args, rank, dtype, on_gpu) if args.use_vllm else None  # it reseeds the RNGs: before --resume
+    rank_state = {}
     if resume_dir:
-        engine.load_checkpoint(os.path.join(resume_dir, "deepspeed"), tag="state")
-        rank_state = torch.load(os.path.join(resume_dir, f"rank_state_{rank}.pt"), weights_only=False)
-        rng = rank_state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        pool = rank_state["refill_pool"]
+        rank_state = load_checkpoint(engine, resume_dir, rank)
         log(f"resumed from {resume_dir} at step {state['step']}")
-    if llm is not None and resume_dir:  # vLLM loaded the initial weights from disk
-        sync_weights_to_vllm(engine.module, llm, args.sync_bucket_mb * 2**20)
-    if llm is None:
-        log("generating with transformers generate (no vLLM)")
+        if llm is not None:  # vLLM loaded the initial weights from disk
+            sync_weights_to_vllm(engine.module, llm)
+    return tokenizer, examples, engine, ref_engine, llm, state, rank_state, run_dir, wandb_run
 
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if resume_dir and rank == 0:
-        keep_metrics_until(metrics_path, state["step"])
+
+def init_distributed():
+    """The process group (`python grpo.py` is a world of one; `deepspeed` sets the variables of every rank), and
+    this rank's device, whether it is a GPU, and its log (rank 0 prints)."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+    on_gpu = get_accelerator().device_name() == "cuda"
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if on_gpu else "cpu")
+    log = tqdm.write if dist.get_rank() == 0 else (lambda *a, **k: None)
+    if on_gpu:
+        torch.cuda.set_device(device)
+    else:
+        cpu_workarounds(log)
+    return device, on_gpu, log
+
+
+def peak_gpu_memory_gib(on_gpu: bool) -> float:
+    """The GPU memory peak since the previous call, in GiB (0 on CPU): called between phases, each phase's peak."""
+    if not on_gpu:
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU-only workarounds (vLLM's and DeepSpeed's CPU builds; none of this runs on GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_workarounds(log) -> None:
+    """DeepSpeed's CPU all-reduce maps a ~70 MB /dev/shm file per rank and never unlinks it; once every rank has
+    mapped its peers', the name can go (the mappings stay)."""
+    if "libtcmalloc" not in os.environ.get("LD_PRELOAD", ""):
+        log("CPU: preloading tcmalloc and Intel OpenMP makes a step 30-40% faster (README, CPU setup)")
+    dist.barrier()
+    env = os.environ
+    shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
+    if os.path.exists(shm):
+        os.remove(shm)
+
+
+def cpu_vllm_kwargs(model: str, sequences: int, length: int) -> dict:
+    """vLLM's CPU build sizes its KV cache from free RAM, which fails beside the trainer: room for the step's
+    sequences instead (twice, for the blocks; VLLM_CPU_KVCACHE_SPACE in GiB overrides it). Its chunked prefill
+    crashes on seeded requests, and the seeds are what make --resume exact."""
+    config = AutoConfig.from_pretrained(model).get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_bytes = 2 * config.num_hidden_layers * heads * head_dim * 4 * sequences * length  # keys and values, fp32
+    return dict(kv_cache_memory_bytes=max(2 * kv_bytes, 2**28), enable_chunked_prefill=False)
+
+
+def repack_tied_lm_head(worker) -> None:
+    """vLLM's CPU backend multiplies by a copy of lm_head packed at load time, which `reload_weights` leaves stale
+    when lm_head is tied to the embedding (log-probs off by up to 40 nats): repack it from the synced weights."""
+    head = getattr(worker.model_runner.model, "lm_head", None)
+    if head is not None and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main: the training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = tyro.cli(Args, args=[a for a in sys.argv[1:] if not a.startswith("--local_rank")])  # the launcher's
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    validate(args, world)
+    reward_funcs = [rewards.get_reward_func(n) for n in args.reward_funcs]
+    device, on_gpu, log = init_distributed()
+    tokenizer, examples, engine, ref_engine, llm, state, rank_state, run_dir, wandb_run = setup(args, on_gpu, log)
+    rank, packed = dist.get_rank(), engine.module.config._attn_implementation == SHARED_PROMPT_ATTENTION
+    G, local_prompts = args.num_generations, args.prompts_per_step // world
+    reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float64)
+    stop_ids = stop_token_ids(args.model, tokenizer)
+    pool = rank_state.get("refill_pool", [])  # --refill: kept groups waiting for the next step
     progress = tqdm(range(state["step"], args.total_steps), initial=state["step"], total=args.total_steps,
                     disable=rank != 0)
     for step in progress:
@@ -1450,10 +1181,9 @@ def main() -> None:
         add = step_metrics.add
         peak_gpu_memory_gib(on_gpu)  # each phase's peak GPU memory is counted from here
 
-        # 1. generation and 2. rewards (docs/algorithms.md §5): this rank's share of the step's prompts, G
-        # completions each, with one row of rewards per reward function (NaN where it cannot score). With
-        # --refill ([ours], (2.6)) rounds go on until every rank holds local_prompts kept groups (at most
-        # --max-refill-rounds extra); surplus kept groups wait in `pool` for the next step.
+        # 1. generation and rewards (docs/algorithms.md §5): this rank's prompts, G completions each. With --refill
+        # ([ours], (2.6)) rounds go on until every rank holds local_prompts kept groups (at most --max-refill-rounds
+        # extra); surplus kept groups wait in `pool` for the next step.
         time_generate, groups, extra_rounds = 0.0, [], 0
         while True:
             round_id = state["data_pos"] // args.prompts_per_step
@@ -1462,7 +1192,7 @@ def main() -> None:
             batch_examples = [examples[i] for i in idx]
             generated, completions, values, seconds = sample_and_score(  # values: [F, n]
                 llm, engine, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts, round_id,
-                args, stop_ids, tp_group)
+                args, stop_ids)
             time_generate += seconds
             step_metrics.add_total("tokens/generated_step", sum(len(c) for c, _ in generated))
             groups += [dict(example=e, generated=generated[j * G : (j + 1) * G], values=values[:, j * G : (j + 1) * G],
@@ -1480,12 +1210,11 @@ def main() -> None:
             generated = [o for g in groups for o in g["generated"]]
             completions = [c for g in groups for c in g["completions"]]
             values = torch.cat([g["values"] for g in groups], dim=1)  # [F, n]
-        if args.vllm_sleep == "on":
-            llm.sleep(level=2)  # weights are re-sent after the update anyway
-        memory = {"generate": peak_gpu_memory_gib(on_gpu)}  # GiB: the peak of each phase of the step
+        if llm is not None and on_gpu:
+            llm.sleep(level=2)  # frees vLLM's memory for the update; the weights are re-sent after it
+        memory = {"generate": peak_gpu_memory_gib(on_gpu)}  # GiB: the peak of each phase
         prompt_ids = [e["prompt_ids"] for e in batch_examples]
         completion_ids = [c for c, _ in generated]
-        truncated = [t for _, t in generated]
         lengths = [len(c) for c in completion_ids]
 
         # ALGO LOGIC: reward, advantages and the tokens in the loss (docs/algorithms.md (2.1)–(2.4))
@@ -1496,66 +1225,48 @@ def main() -> None:
         total = (reward_weights.unsqueeze(1) * signed).sum(0) + bonus  # [n], NaN if any function cannot score
         advantages, keep = agpo_advantages(total, correct, G, args.zero_variance, args.scale_rewards)  # [n] each
         loss_mask = completion_mask(lengths) * keep.unsqueeze(1)  # [n, T]: (2.4) masked groups leave the loss
-
-        for name, v in zip(args.reward_funcs, values):
-            add(f"rewards/{name}/mean", torch.nansum(v), (~v.isnan()).sum())
-            add(f"rewards/{name}/unscorable", v.isnan().sum(), len(v))
-        add("reward", torch.nansum(total), (~total.isnan()).sum())
-        grouped = total.view(-1, G)  # [prompts, G]
-        group_std = torch.stack([g[~g.isnan()].std() if (~g.isnan()).sum() > 1 else torch.zeros((), dtype=g.dtype)
-                                 for g in grouped])  # [prompts]
-        add("reward_std", group_std.sum(), len(grouped))
-        add("frac_reward_zero_std", (group_std < 1e-6).sum(), len(grouped))
-        add("completions/mean_length", sum(lengths), len(lengths))
-        add("completions/clipped_ratio", sum(truncated), len(truncated))
+        log_rollout(add, values, total, args.reward_funcs, G, lengths, [t for _, t in generated])
         lengths_t = torch.tensor(lengths, dtype=torch.float64)
         add("completions/correct_mean_length", lengths_t[correct].sum(), correct.sum())
         add("completions/wrong_mean_length", lengths_t[~correct].sum(), (~correct).sum())
-        add("agpo/masked_group_frac", (~keep.view(-1, G).any(1)).sum(), len(grouped))
+        add("agpo/masked_group_frac", (~keep.view(-1, G).any(1)).sum(), len(lengths) // G)
         step_metrics.add_total("agpo/kept_tokens", lengths_t[keep].sum())
         add("agpo/length_bonus_mean", bonus.sum(), len(bonus))
         add("agpo/refill_rounds", extra_rounds, 1.0)
         step_metrics.add_total("agpo/refill_pool", len(pool))
 
-        # 3. log-probs of the batch under the old policy and the reference (no grad)
+        # 2. log-probs of the batch under the old policy and the reference (no grad)
         t0 = time.perf_counter()
         rollout = Rollout(prompt_ids=[p for p in prompt_ids for _ in range(G)], completion_ids=completion_ids,
                           advantages=advantages.float(), loss_mask=loss_mask, pad_id=tokenizer.pad_token_id,
-                          pack_rows=args.max_prompt_length + args.max_completion_length if args.padding_free else 0,
-                          share_prompts=args.share_prompts)
+                          packed=packed)
         shuffle_generator = torch.Generator().manual_seed(request_seed(args.seed, step, rank, 7))
         sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, completion_ids)]
-        plan = update_plan(len(completion_ids), args, shuffle_generator, sizes,
-                           rollout.prompt_ids if args.share_prompts else None)
+        plan = update_plan(len(completion_ids), args, shuffle_generator, sizes, rollout.prompt_ids)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)
         time_logprobs = time.perf_counter() - t0
         memory["logprobs"] = peak_gpu_memory_gib(on_gpu)
 
-        # 4. update: μ passes, each split into mini-batches; one optimizer step per mini-batch
+        # 3. update: μ passes, each split into mini-batches; one optimizer step per mini-batch
         t0 = time.perf_counter()
         update_policy(engine, rollout, plan, args, step_metrics, device)
-        lr = engine.get_lr()[0]
         time_update = time.perf_counter() - t0
         memory["update"] = peak_gpu_memory_gib(on_gpu)
 
-        # 5. weight sync: the new policy reaches vLLM before the next generation
+        # 4. weight sync: the new policy reaches vLLM before the next generation
         t0 = time.perf_counter()
+        if llm is not None and on_gpu:
+            gc.collect()  # the update's cached blocks go back to the GPU, or waking can run out of memory
+            torch.cuda.empty_cache()
+            llm.wake_up(tags=["weights"])
         if llm is not None:
-            if args.vllm_sleep == "on":
-                gc.collect()  # the update's cached blocks go back to the GPU, or waking can run out of memory
-                accel.empty_cache()
-                llm.wake_up(tags=["weights"])
-            sync_weights_to_vllm(engine.module, llm, args.sync_bucket_mb * 2**20)
-            if args.vllm_sleep == "on":
-                llm.wake_up(tags=["kv_cache"])
+            sync_weights_to_vllm(engine.module, llm)
+        if llm is not None and on_gpu:
+            llm.wake_up(tags=["kv_cache"])
         time_weight_sync = time.perf_counter() - t0
         memory["weight_sync"] = peak_gpu_memory_gib(on_gpu)
-        if llm is not None and args.sync_check_steps and (step + 1) % args.sync_check_steps == 0:
-            diff = sync_logprob_diff(engine, llm, prompt_ids[0], completion_ids[0], tokenizer.pad_token_id, device,
-                                     tp_group)
-            add("sync/logprob_max_abs_diff", diff, 1.0)
 
-        # 6. logging
+        # 5. logging
         for name, value in (("time/generate", time_generate), ("time/logprobs", time_logprobs),
                             ("time/update", time_update), ("time/weight_sync", time_weight_sync),
                             ("time/step", time.perf_counter() - t_step)):
@@ -1567,36 +1278,30 @@ def main() -> None:
             metrics.update({f"memory/{k}_peak_gib": v for k, v in zip(memory, peaks.tolist())})
         step_tokens = metrics.pop("tokens/generated_step")
         state["tokens_generated"] += int(round(step_tokens))
-        metrics.update(step=step + 1, lr=lr, **{"tokens/generated_total": state["tokens_generated"]})
+        metrics.update(step=step + 1, lr=engine.get_lr()[0], **{"tokens/generated_total": state["tokens_generated"]})
         metrics["tokens/per_second_generate"] = step_tokens / max(metrics["time/generate"], 1e-9) / world
         state["step"] = step + 1
         budget_spent = 0 < args.max_generated_tokens <= state["tokens_generated"]
         if rank == 0:
-            with open(metrics_path, "a") as f:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if wandb_run is not None:
                 wandb_run.log(metrics, step=step + 1)
             progress.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
-            for i in range(min(args.log_completions, len(completions))):
-                log(f"[step {step + 1}] reward={total[i].item():.2f} completion: {completions[i][-300:]!r}")
-            if metrics["completions/clipped_ratio"] == 1.0:
-                log(f"WARNING step {step + 1}: every completion hit --max-completion-length "
-                    f"{args.max_completion_length}")
+            log(f"[step {step + 1}] reward={total[0].item():.2f} completion: {completions[0][-300:]!r}")
             if metrics["frac_reward_zero_std"] == 1.0:
-                log(f"WARNING step {step + 1}: every group has zero reward variance, so every advantage is 0 "
-                    "and this step learns nothing")
+                log(f"WARNING step {step + 1}: every group has zero reward variance: every advantage is 0")
             if metrics["agpo/kept_tokens"] == 0:
                 log(f"WARNING step {step + 1}: every group is masked (all correct or all wrong): no update this step")
             if budget_spent:
-                log(f"--max-generated-tokens {args.max_generated_tokens} reached after {step + 1} steps "
-                    f"({state['tokens_generated']} tokens)")
+                log(f"--max-generated-tokens {args.max_generated_tokens} reached after {step + 1} steps")
 
-        # 7. checkpoint
+        # 6. checkpoint
         done = step + 1 == args.total_steps or budget_spent
         if (args.save_steps and (step + 1) % args.save_steps == 0) or done:
             state["world_size"] = world
-            path = save_checkpoint(engine, tokenizer, run_dir, step + 1, state, rank, rank_state={"refill_pool": pool})
-            log(f"saved {path}")
+            rank_state["refill_pool"] = pool
+            log(f"saved {save_checkpoint(engine, tokenizer, run_dir, step + 1, state, rank, rank_state)}")
         if done:
             break
 

@@ -3,7 +3,7 @@ tokens spent, with vLLM, the training scripts' prompt template, and rewards.py's
 
     python eval.py --model runs/grpo__1__1795308138/checkpoint-200 --model Qwen/Qwen2.5-0.5B-Instruct \
         --datasets gsm8k math500 --n 4 --temperature 0.6
-    python eval.py --model $MODEL --datasets gsm8k aime24 --data-dir ../shared/data     # no hub
+    python eval.py --model $MODEL --datasets gsm8k aime24 --data-dir DIR    # no hub: DIR holds gsm8k_test.jsonl, ...
 """
 
 import os
@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import torch
 import tyro
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 import rewards
+from grpo import build_prompt, stop_token_ids  # the training scripts' prompt and stops
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Args:
     datasets: list[str] = field(default_factory=lambda: ["gsm8k", "math500"])
     """presets (gsm8k math500 aime24 amc23 minerva olympiadbench svamp multiarith) or .jsonl/.parquet files"""
     data_dir: Optional[str] = None
-    """load presets from this directory (file names as in ../shared/data) instead of the hub"""
+    """load presets from this directory, a directory of <name>_test.jsonl files (gsm8k_test.jsonl, ...), instead
+    of the hub"""
     question_field: Optional[str] = None
     """question column of .jsonl/.parquet files that are not presets"""
     answer_field: Optional[str] = None
@@ -50,10 +52,6 @@ class Args:
     """nucleus sampling threshold"""
     max_tokens: int = 1024
     """most tokens per completion (the budget)"""
-    template: Literal["chat", "plain"] = "chat"
-    """chat: the tokenizer's chat template, as in training; plain: 'Question: ...\\nAnswer:'"""
-    system_prompt: Optional[str] = None
-    """system message of the chat template (as the training scripts' --system-prompt)"""
     prompt_suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
     """appended to every question (as the training scripts' --prompt-suffix)"""
     last_number_fallback: bool = False
@@ -195,7 +193,7 @@ def load_problems(name: str, args: Args) -> tuple[list, int]:
     except Exception as e:
         raise SystemExit(
             f"--datasets {name}: cannot load it ({type(e).__name__}: {str(e)[:200]}). Without a hub, "
-            "give --data-dir ../shared/data (or a directory with the same file names)."
+            "give --data-dir DIR, a directory of <name>_test.jsonl files (gsm8k_test.jsonl, math500_test.jsonl, ...)."
         ) from None
     q_names = (
         (args.question_field,) if args.question_field else (preset["q"] if preset else ("question", "problem", "input"))
@@ -215,17 +213,6 @@ def load_problems(name: str, args: Args) -> tuple[list, int]:
             continue
         problems.append({"index": i, "question": str(question), "gold": gold})
     return problems, skipped
-
-
-def build_prompt(tokenizer, question: str, args: Args) -> str:
-    """The training scripts' prompt (grpo.py's build_prompt; a test keeps the two identical)."""
-    text = question.strip() + args.prompt_suffix
-    if args.template == "plain":
-        return f"Question: {text}\nAnswer:"
-    messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + [
-        {"role": "user", "content": text}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # --- checks before any model loads --------------------------------------------------------------
@@ -305,41 +292,12 @@ def length_error(model: str, config, tokenizer, longest: dict, args: Args) -> Op
             return (
                 f"--max-tokens {args.max_tokens}: the longest prompt of {data_name} has {prompt_tokens} tokens, "
                 f"and {prompt_tokens} + {args.max_tokens} exceeds {model}'s {name}, which vLLM does not go past; "
-                f"{fix}, or leave out the longest prompts (--limit, a shorter --prompt-suffix/--system-prompt)"
+                f"{fix}, or leave out the longest prompts (--limit, a shorter --prompt-suffix)"
             )
     return None
 
 
 # --- generation ---------------------------------------------------------------------------------
-
-
-def end_of_turn_token_id(tokenizer) -> Optional[int]:
-    """The special token the chat template writes right after an assistant message (`<|im_end|>`
-    for Qwen2.5), or None: base models end their turn with it, not with their EOS."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "MARKER_6b1f"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # a template that rejects this conversation has no end-of-turn token to find
-        return None
-    tail = text.split(marker)[-1].lstrip()
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else None
-
-
-def stop_token_ids(model: str, tokenizer) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS, the generation config's EOS ids and the
-    chat template's end-of-turn token (docs/algorithms.md (6.5))."""
-    ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
-    try:
-        eos = GenerationConfig.from_pretrained(model).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos])
-    except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
-        pass
-    return sorted(i for i in ids if i is not None)
 
 
 def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list) -> list:
@@ -441,7 +399,7 @@ def write_results(results: dict, args: Args) -> tuple[list, str]:
         + [f"maj@{n}", "tokens_mean", "tokens_median", "tokens_correct_mean", "problems", "rows_skipped"]
     )
     lines = [
-        f"Protocol: template={args.template}, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
+        f"Protocol: the training prompt, temperature={args.temperature}, top_p={args.top_p}, n={n}, "
         f"max_tokens={args.max_tokens}, seed={args.seed}"
         + (f", limit={args.limit}" if args.limit else "")
         + (", last-number fallback" if args.last_number_fallback else ""),
@@ -492,7 +450,7 @@ def main() -> None:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         prompts = {
-            name: [build_prompt(tokenizer, p["question"], args) for p in problems]
+            name: [build_prompt(tokenizer, p["question"], args.prompt_suffix) for p in problems]
             for name, (problems, _) in data.items()
         }
         prompt_ids = {name: tokenizer(texts, add_special_tokens=False)["input_ids"] for name, texts in prompts.items()}

@@ -2,8 +2,8 @@
 `python` and with `deepspeed --num_gpus 1`, on two locally built models (SmolLM2-135M's and Qwen2.5-0.5B's
 architecture); then the update's throughput on the 0.5B-shaped model. Writes OUT.json and OUT.md.
 
-    python bench/bench_gpu.py --smollm2 $(../shared/tools/prepare_smollm2.sh) \
-        --dataset ../shared/data/gsm8k_train.jsonl --out bench/results/gpu
+    python bench/bench_gpu.py --smollm2 $(tools/prepare_smollm2.sh) --dataset data/gsm8k_sample.jsonl \
+        --out bench/results/gpu
 
 Each run is checked for: exit status 0; a finite policy loss and reward at every step; weights of the final
 checkpoint that differ from the initial ones; each phase's peak GPU memory (the scripts' memory/* metrics). Runs
@@ -40,9 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import tyro
+from common import ROOT, SCRIPTS, flags, with_pythonpath
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["grpo.py", "agpo_mask_clip.py", "agpo_adaptive.py", "a_grpo.py"]
 # a reward a random model earns some of, so that advantages (and updates) are non-zero; AGPO's loss mask wants ±1
 REWARD = {"agpo_mask_clip.py": "toy_rewards:parity_pm1"}
 # Qwen2.5-0.5B's architecture (its config.json on the hub), random weights
@@ -53,7 +52,7 @@ QWEN05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_h
 @dataclass
 class Args:
     smollm2: str
-    """SmolLM2-135M-Instruct directory (../shared/tools/prepare_smollm2.sh); config.json and tokenizer suffice"""
+    """SmolLM2-135M-Instruct directory (tools/prepare_smollm2.sh); config.json and tokenizer suffice"""
     dataset: str
     """training data, a local .jsonl"""
     out: str = "bench/results/gpu"
@@ -76,28 +75,29 @@ class Args:
     """check runs sharing the GPU at a time"""
     parallel_large: int = 2
     """of which runs of the 0.5B-shaped model at most (each final checkpoint with its optimizer state is ~8 GB)"""
-    throughput: list[str] = field(default_factory=lambda: ["shared", "packed", "padded"])
-    """grpo.py update throughput runs on the 0.5B-shaped model: shared (the default: --padding-free --share-prompts),
-    packed (--padding-free --no-share-prompts) or padded (--no-padding-free), with `_zeroN` for --zero-stage N
-    (default 3); the plain yardstick runs right after the first shared or packed one"""
-    update_profile: bool = True
-    """also run bench/update_profile.py on the throughput model (writes OUT_update_profile.{json,md})"""
-    throughput_model: str = "qwen0.5b"
-    """the model of the throughput runs (one of --models)"""
+    throughput: list[str] = field(default_factory=lambda: ["shared"])
+    """grpo.py update throughput runs on the 0.5B-shaped model, with its default micro-batches (packed, shared
+    prompts): shared, or shared_zeroN for --zero-stage N (default 3); the plain yardstick runs right after the first"""
     throughput_steps: int = 4
     """steps per throughput run; figures are medians over steps 2..N"""
     throughput_prompts: int = 8
     """prompts per step of the throughput runs"""
+    throughput_model: str = "qwen0.5b"
+    """the model of the throughput runs (one of --models)"""
+    deadline: float = 0
+    """seconds after the start past which no new stage begins (0: none), so that a lease's time limit is never hit
+    blind"""
     throughput_generations: int = 8
     """G of the throughput runs"""
     throughput_completion_length: int = 256
     """--max-completion-length of the throughput runs"""
+    update_profile: bool = True
+    """also run bench/update_profile.py on the throughput model, after the first throughput run (writes
+    OUT_update_profile.{json,md})"""
     throughput_micro_batch: int = 16
     """--micro-batch-size of the throughput runs"""
     timeout: int = 400
     """seconds per run"""
-    deadline: float = 0
-    """seconds after the start past which no new stage begins (0: none), so a lease's limit is never hit blind"""
 
 
 def versions() -> dict:
@@ -147,17 +147,17 @@ def build_models(args: Args) -> dict:
     return paths
 
 
-def command(script: str, launcher: str, port: int, flags: list) -> list:
+def command(script: str, launcher: str, port: int, argv: list) -> list:
     path = os.path.join(ROOT, script)
     if launcher == "deepspeed":  # what the `deepspeed` command runs
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(port),
-                path, *flags]
-    return [sys.executable, path, *flags]
+                path, *argv]
+    return [sys.executable, path, *argv]
 
 
 def run(cmd: list, out: str, timeout: int, threads: int = 0) -> dict:
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = with_pythonpath(os.path.join(ROOT, "tests"))
     if threads:  # runs that share the machine: no CPU oversubscription
         env["OMP_NUM_THREADS"] = str(threads)
     t = time.perf_counter()
@@ -195,15 +195,14 @@ def check(args: Args, name: str, script: str, launcher: str, model: str, path: s
     out = os.path.join(args.work, "runs", name)
     shutil.rmtree(out, ignore_errors=True)
     resume = model in args.resume_check
-    flags = ["--model", path, "--dataset", args.dataset, "--total-steps", str(args.steps),
-             "--save-steps", "1" if resume else str(args.steps),
-             "--prompts-per-step", "4", "--num-generations", "4", "--max-completion-length", "32",
-             "--micro-batch-size", "8", "--learning-rate", str(args.learning_rate), "--log-completions", "0",
-             "--reward-funcs", REWARD.get(script, "toy_rewards:letter_a"), "--zero-stage", "3", "--no-skip-no-signal"]
+    argv = flags(model=path, dataset=args.dataset, total_steps=args.steps, save_steps=1 if resume else args.steps,
+                 prompts_per_step=4, num_generations=4, max_completion_length=32, micro_batch_size=8,
+                 learning_rate=args.learning_rate, reward_funcs=REWARD.get(script, "toy_rewards:letter_a"),
+                 zero_stage=3, skip_no_signal=False)
     if not vllm_ok():
-        flags.append("--no-use-vllm")
+        argv.append("--no-use-vllm")
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
-    r = run(command(script, launcher, port, flags + ["--output-dir", out]), out, args.timeout, threads)
+    r = run(command(script, launcher, port, argv + ["--output-dir", out]), out, args.timeout, threads)
     rows = r.pop("rows")
     r.update(script=script, launcher=launcher, model=model, steps_logged=len(rows))
     r["finite"] = bool(rows) and all(math.isfinite(m.get("policy_loss", float("nan"))) and math.isfinite(m["reward"])
@@ -224,7 +223,7 @@ def check(args: Args, name: str, script: str, launcher: str, model: str, path: s
         shutil.rmtree(out, ignore_errors=True)
         with open(os.path.join(run_dir2, "metrics.jsonl"), "w") as f:
             f.write(json.dumps(rows[0]) + "\n")
-        r2 = run(command(script, launcher, port, flags + ["--output-dir", out2, "--resume", run_dir2]), out2,
+        r2 = run(command(script, launcher, port, argv + ["--output-dir", out2, "--resume", run_dir2]), out2,
                  args.timeout, threads)
         rows2 = r2.pop("rows")
         res = {"rc": r2["rc"], "steps": [m["step"] for m in rows2]}
@@ -269,13 +268,13 @@ while total < {real_tokens}:
     c = torch.randint(3, hi, ({completion_length},), generator=g).tolist()
     prompts.append(p); comps.append(c); total += len(p) + len(c)
 k = -(-len(prompts) // {micro_batches})
-batches = [grpo.pack(prompts[s:s + k], comps[s:s + k], 0, 512 + {completion_length}, dev)
-           for s in range(0, len(prompts), k)]
+batches = [grpo.collate(prompts[s:s + k], comps[s:s + k], 0, dev) for s in range(0, len(prompts), k)]  # padded
 times = []
 for _ in range(4):
     torch.cuda.synchronize() if dev == "cuda" else None; t = time.perf_counter()
     for b in batches:
-        out = m(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["input_ids"])
+        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                labels=b["input_ids"])
         out.loss.backward()
     opt.step(); opt.zero_grad()
     torch.cuda.synchronize() if dev == "cuda" else None; times.append(time.perf_counter() - t)
@@ -292,20 +291,17 @@ print(json.dumps({{"seconds": sorted(times[1:])[1], "real_tokens": total}}))  # 
 def throughput(args: Args, path: str, variant: str, port: int) -> dict:
     out = os.path.join(args.work, "runs", f"throughput_{variant}")
     shutil.rmtree(out, ignore_errors=True)
-    flags = ["--model", path, "--dataset", args.dataset, "--output-dir", out,
-             "--total-steps", str(args.throughput_steps), "--save-steps", "0", "--beta", "0", "--loss-type", "dapo",
-             "--no-skip-no-signal",
-             "--prompts-per-step", str(args.throughput_prompts), "--num-generations", str(args.throughput_generations),
-             "--max-completion-length", str(args.throughput_completion_length),
-             "--micro-batch-size", str(args.throughput_micro_batch), "--learning-rate", "1e-6",
-             "--log-completions", "0", "--reward-funcs", "toy_rewards:letter_a",
-             "--no-padding-free" if variant.startswith("padded") else "--padding-free",
-             "--share-prompts" if variant.startswith("shared") else "--no-share-prompts"]
+    if variant.split("_zero")[0] != "shared":
+        raise SystemExit(f"--throughput {variant}: expected shared or shared_zeroN")
+    argv = flags(model=path, dataset=args.dataset, output_dir=out, total_steps=args.throughput_steps, save_steps=0,
+                 beta=0, loss_type="dapo", skip_no_signal=False, prompts_per_step=args.throughput_prompts,
+                 num_generations=args.throughput_generations, max_completion_length=args.throughput_completion_length,
+                 micro_batch_size=args.throughput_micro_batch, learning_rate="1e-6", reward_funcs="toy_rewards:letter_a")
     if "_zero" in variant:
-        flags += ["--zero-stage", variant.split("_zero")[1]]
+        argv += ["--zero-stage", variant.split("_zero")[1]]
     if not vllm_ok():
-        flags.append("--no-use-vllm")
-    r = run(command("grpo.py", "deepspeed", port, flags), out, args.timeout)
+        argv.append("--no-use-vllm")
+    r = run(command("grpo.py", "deepspeed", port, argv), out, args.timeout)
     rows = r.pop("rows")[1:]  # step 1: warm-up
     shutil.rmtree(out, ignore_errors=True)
     r.pop("run_dir", None)
@@ -414,7 +410,7 @@ def main() -> None:
         r = result["throughput"][variant] = throughput(args, paths[args.throughput_model], variant, 29590)
         print(f"throughput {variant}: {r}", flush=True)
         write(args, result)
-        if variant in ("shared", "packed") and r.get("update_real_tokens") and not result["plain"]:
+        if r.get("update_real_tokens") and not result["plain"]:
             micro = args.throughput_prompts * args.throughput_generations // args.throughput_micro_batch
             for ckpt in (True, False):
                 name = f"plain transformers{' + checkpointing' if ckpt else ''}"

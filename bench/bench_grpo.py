@@ -2,8 +2,7 @@
 directly (raw vLLM `generate`, a plain forward / forward+backward of the same batch), written to
 a JSON file and a markdown table.
 
-    python bench/bench_grpo.py --model $(../shared/tools/prepare_smollm2.sh) \
-        --dataset ../shared/data/gsm8k_train.jsonl --out bench/results/smollm2_cpu
+    python bench/bench_grpo.py --model $(tools/prepare_smollm2.sh) --out bench/results/smollm2_cpu
 
 Targets (issue #2): weight sync < 5% of step time; vLLM generation >= 5x transformers at G = 8;
 no phase more than 20% slower than the same work done directly. It also reports the peak memory of
@@ -23,85 +22,45 @@ from typing import Optional
 
 import torch
 import tyro
+from common import ROOT, RunShape, read_metrics, run_dir_of, run_logged, script_command, with_pythonpath
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 @dataclass
-class BenchArgs:
-    model: str
-    """local model directory (e.g. the output of ../shared/tools/prepare_smollm2.sh)"""
-    dataset: str = "../shared/data/gsm8k_train.jsonl"
-    """training data (a local file)"""
+class BenchArgs(RunShape):
     out: str = "bench/results/bench"
     """results are written to OUT.json and OUT.md"""
-    prompts_per_step: int = 4
-    """prompts per step"""
-    num_generations: int = 8
-    """G"""
     max_completion_length: int = 128
     """tokens per completion at most"""
-    micro_batch_size: int = 8
-    """completions per forward/backward"""
-    steps: int = 3
-    """grpo.py steps with vLLM; the first is warm-up and left out of the means"""
-    hf_steps: int = 1
-    """grpo.py steps with transformers generate (the first is left out when there are more than one)"""
     beta: float = 0.04
     """β of the benchmarked run (> 0 includes the reference forward in the log-prob phase)"""
+    micro_batch_size: int = 8
+    """completions per forward/backward"""
     reuse_runs: bool = False
     """reuse the grpo.py runs already in OUT.runs/ (re-measure only the direct baselines)"""
-    memory_completion_length: int = 1024
-    """completion length of the log-prob memory measurement (4 sequences; random tokens)"""
+    steps: int = 3
+    """grpo.py steps with vLLM; the first is warm-up and left out of the means"""
     compare: Optional[str] = None
     """another algorithm script (e.g. agpo_adaptive.py): time its steps with the same batch shape, μ = 1 and β as
     grpo.py's, and write both (only this comparison is measured)"""
+    hf_steps: int = 1
+    """grpo.py steps with transformers generate (the first is left out when there are more than one)"""
+    memory_completion_length: int = 1024
+    """completion length of the log-prob memory measurement (4 sequences; random tokens)"""
 
 
 def run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int, script: str = "grpo.py", extra=()) -> list:
     if not (args.reuse_runs and os.path.isdir(out_dir)):
         shutil.rmtree(out_dir, ignore_errors=True)
-        _run_grpo(args, out_dir, use_vllm, steps, script, extra)
-    run = os.path.join(out_dir, os.listdir(out_dir)[0])
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def _run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int, script: str, extra) -> None:
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, script),
-        "--model",
-        args.model,
-        "--dataset",
-        args.dataset,
-        "--output-dir",
-        out_dir,
-        "--total-steps",
-        str(steps),
-        "--save-steps",
-        "0",
-        "--prompts-per-step",
-        str(args.prompts_per_step),
-        "--num-generations",
-        str(args.num_generations),
-        "--max-completion-length",
-        str(args.max_completion_length),
-        "--micro-batch-size",
-        str(args.micro_batch_size),
-        "--beta",
-        str(args.beta),
-        "--log-completions",
-        "0",
-        "--use-vllm" if use_vllm else "--no-use-vllm",
-        "--no-skip-no-signal",  # every step's update is timed, with or without a reward signal
-        *extra,
-    ]
-    with open(f"{args.out}.{script[:-3]}.{'vllm' if use_vllm else 'transformers'}.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log.name}")
+        cmd = script_command(script, args.model, args.dataset, out_dir, total_steps=steps, save_steps=0,
+                             prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+                             max_completion_length=args.max_completion_length,
+                             micro_batch_size=args.micro_batch_size, beta=args.beta, use_vllm=use_vllm,
+                             skip_no_signal=False)  # every step's update is timed, with or without a reward signal
+        log = f"{args.out}.{script[:-3]}.{'vllm' if use_vllm else 'transformers'}.log"
+        run_logged(cmd + list(extra), log, script)
+    return read_metrics(run_dir_of(out_dir))
 
 
 def direct_baselines(args: BenchArgs, steps: int) -> dict:
@@ -133,7 +92,7 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         prompts = [examples[i]["prompt_ids"] for i in idx]
         t = time.perf_counter()
         seeds = [grpo.request_seed(gargs.seed, step, 0, i) for i in range(len(prompts))]
-        gen = grpo.vllm_generate(llm, prompts, [gargs.temperature] * len(prompts), seeds, gargs, stop, None)
+        gen = grpo.vllm_generate(llm, prompts, [gargs.temperature] * len(prompts), seeds, gargs, stop)
         gen_t.append(time.perf_counter() - t)
         comps = [c for c, _ in gen]
         gen_tok.append(sum(len(c) for c in comps))
@@ -174,7 +133,7 @@ def logprob_memory(args: BenchArgs) -> dict:
             cmd = [sys.executable, os.path.join(ROOT, "bench", "logprob_memory.py"), "--model", args.model,
                    "--chunk-size", str(chunk), "--completion-length", str(args.memory_completion_length),
                    "--stage", stage]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=with_pythonpath(ROOT))
             if proc.returncode:
                 raise SystemExit(f"logprob_memory.py failed:\n{proc.stderr[-3000:]}")
             key = f"{stage}/{'one_piece' if chunk == 0 else 'chunks_of_256'}"

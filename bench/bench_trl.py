@@ -7,8 +7,7 @@ TRL lives in a venv of its own so that it cannot change the stack grpo.py runs o
 
     python -m venv --system-site-packages ../trl_venv
     ../trl_venv/bin/pip install --no-deps trl==1.16.0
-    ../trl_venv/bin/python bench/bench_trl.py --model $(../shared/tools/prepare_smollm2.sh) \
-        --dataset ../shared/data/gsm8k_train.jsonl --out bench/results/trl_cpu
+    ../trl_venv/bin/python bench/bench_trl.py --model $(tools/prepare_smollm2.sh) --out bench/results/trl_cpu
 
 bench/bench_speed.py --trl-python ../trl_venv/bin/python runs it after grpo.py, in the same environment.
 
@@ -17,6 +16,8 @@ It writes OUT.json and OUT.md: per step the wall time of the whole optimizer ste
 length TRL logged, and the medians over steps 2..N (step 1 is warm-up: first vLLM graphs, allocator).
 Run it on a quiet machine, with grpo.py on the same machine and the same number of threads.
 
+The settings that are not flags here (learning rate, temperature, seed, β, loss type, ...) are read from grpo.py:
+its defaults (grpo.Args) and common.SPEED_CONFIG, what bench_speed.py runs it with.
 Differences from grpo.py that this script cannot remove are listed in OUT.md (see NOT_MATCHED).
 """
 
@@ -33,6 +34,7 @@ import json
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -40,8 +42,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import tyro
+from common import ROOT, SPEED_CONFIG, RunShape
 
-PROMPT_SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
+sys.path.insert(0, ROOT)  # grpo.py, whose settings this run takes
 
 # What TRL 1.16 does differently from grpo.py at this config and offers no setting for; written into OUT.md.
 NOT_MATCHED = [
@@ -58,38 +61,24 @@ NOT_MATCHED = [
 
 
 @dataclass
-class BenchArgs:
-    model: str
-    """local model directory (SmolLM2-135M-Instruct, fp32)"""
-    dataset: str = "../shared/data/gsm8k_train.jsonl"
-    """GSM8K train as jsonl: `question`, `answer` (gold after `#### `)"""
+class BenchArgs(RunShape):
     out: str = "bench/results/trl_cpu"
     """results are written to OUT.json and OUT.md"""
-    steps: int = 7
-    """optimizer steps; the first is warm-up and left out of the medians"""
-    prompts_per_step: int = 4
-    """prompts per optimizer step"""
-    num_generations: int = 8
-    """G, completions per prompt"""
-    max_completion_length: int = 64
-    """tokens per completion at most"""
-    max_prompt_length: int = 512
-    """only sizes vLLM's max_model_len (prompt + completion), as grpo.py does; GSM8K prompts are far shorter"""
-    learning_rate: float = 1e-6
-    """constant learning rate"""
-    beta: float = 0.0
-    """KL coefficient (0: no reference model, as in grpo.py's benchmarked config)"""
-    loss_type: str = "dapo"
-    """TRL loss aggregation (dapo: token mean over the whole batch)"""
-    temperature: float = 1.0
-    """sampling temperature"""
-    seed: int = 1
-    """seed of TRL's data order and of vLLM's sampler"""
-    vllm_gpu_memory_utilization: float = 0.3
-    """TRL's setting; ignored by vLLM's CPU build (VLLM_CPU_KVCACHE_SPACE sizes the KV cache)"""
     vllm_importance_sampling_correction: bool = False
     """TRL's default is on, which adds a no-grad forward of the 32 completions every step (old log-probs for
     truncated importance sampling); grpo.py at μ = 1 does no such forward, so it is off to compare like with like"""
+    steps: int = 7
+    """optimizer steps; the first is warm-up and left out of the medians"""
+
+
+def grpo_settings() -> dict:
+    """What grpo.py's benchmarked run uses and TRL is set to: grpo.py's defaults with common.SPEED_CONFIG."""
+    import grpo
+
+    g = grpo.Args(**SPEED_CONFIG)
+    keys = ("prompt_suffix", "max_prompt_length", "learning_rate", "beta", "loss_type", "temperature", "seed",
+            "vllm_gpu_memory_utilization")
+    return {k: getattr(g, k) for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +115,9 @@ def last_number_reward(completions, gold, **kwargs) -> list[float]:
     return rewards
 
 
-def load_gsm8k(path: str):
+def load_gsm8k(path: str, prompt_suffix: str):
     """GSM8K jsonl → a datasets.Dataset with a chat `prompt` (TRL applies the model's chat template, as
-    grpo.py's --prompt-template chat does) and the gold number."""
+    grpo.py does) and the gold number."""
     from datasets import Dataset
 
     rows = []
@@ -136,7 +125,7 @@ def load_gsm8k(path: str):
         for line in f:
             ex = json.loads(line)
             rows.append({
-                "prompt": [{"role": "user", "content": ex["question"] + PROMPT_SUFFIX}],
+                "prompt": [{"role": "user", "content": ex["question"] + prompt_suffix}],
                 "gold": parse_number(ex["answer"].rsplit("####", 1)[1].strip()),
             })
     return Dataset.from_list(rows)
@@ -279,8 +268,9 @@ def make_step_callback(clock: PhaseClock, records: list):
 # ---------------------------------------------------------------------------------------------
 
 
-def grpo_config(args: BenchArgs, output_dir: str):
-    """GRPOConfig at grpo.py's benchmark config; every TRL default that differs from it is set explicitly."""
+def grpo_config(args: BenchArgs, g: dict, output_dir: str):
+    """GRPOConfig at grpo.py's benchmark config `g` (grpo_settings()); every TRL default that differs from it is set
+    explicitly."""
     from trl import GRPOConfig
 
     batch = args.prompts_per_step * args.num_generations
@@ -294,13 +284,13 @@ def grpo_config(args: BenchArgs, output_dir: str):
         num_generations=args.num_generations,
         num_iterations=1,
         max_completion_length=args.max_completion_length,
-        temperature=args.temperature,
+        temperature=g["temperature"],
         top_p=1.0,
-        beta=args.beta,
-        loss_type=args.loss_type,
+        beta=g["beta"],
+        loss_type=g["loss_type"],
         scale_rewards="group",
         epsilon=0.2,
-        learning_rate=args.learning_rate,
+        learning_rate=g["learning_rate"],
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
@@ -314,10 +304,10 @@ def grpo_config(args: BenchArgs, output_dir: str):
         model_init_kwargs={"dtype": torch.float32},
         use_vllm=True,
         vllm_mode="colocate",
-        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        vllm_max_model_length=args.max_prompt_length + args.max_completion_length,
+        vllm_gpu_memory_utilization=g["vllm_gpu_memory_utilization"],
+        vllm_max_model_length=g["max_prompt_length"] + args.max_completion_length,
         vllm_importance_sampling_correction=args.vllm_importance_sampling_correction,
-        seed=args.seed,
+        seed=g["seed"],
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -325,7 +315,7 @@ def grpo_config(args: BenchArgs, output_dir: str):
     )
 
 
-def run(args: BenchArgs) -> list:
+def run(args: BenchArgs, g: dict) -> list:
     from trl import GRPOTrainer
     from trl.generation.vllm_generation import VLLMGeneration
 
@@ -341,8 +331,8 @@ def run(args: BenchArgs) -> list:
         trainer = GRPOTrainer(
             model=args.model,
             reward_funcs=last_number_reward,
-            args=grpo_config(args, output_dir),
-            train_dataset=load_gsm8k(args.dataset),
+            args=grpo_config(args, g, output_dir),
+            train_dataset=load_gsm8k(args.dataset, g["prompt_suffix"]),
             callbacks=[make_step_callback(clock, records)],
         )
         trainer.train()
@@ -366,11 +356,11 @@ def median(records: list, key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(args: BenchArgs, records: list) -> dict:
+def summarize(args: BenchArgs, g: dict, records: list) -> dict:
     keys = ["step_s", "weight_sync_s", "generate_s", "rollout_other_s", "update_s", "completion_mean_length"]
     return {
         "script": "TRL GRPOTrainer",
-        "settings": {**asdict(args), "completions_per_step": args.prompts_per_step * args.num_generations,
+        "settings": {**asdict(args), **g, "completions_per_step": args.prompts_per_step * args.num_generations,
                      "micro_batch_size": args.prompts_per_step * args.num_generations,
                      "gradient_accumulation_steps": 1, "num_iterations": 1, "dtype": "float32", "device": "cpu",
                      "vllm_mode": "colocate", "torch_threads": torch.get_num_threads(),
@@ -427,8 +417,9 @@ def markdown(result: dict) -> str:
 
 
 def main(args: BenchArgs) -> None:
-    records = run(args)
-    result = summarize(args, records)
+    g = grpo_settings()
+    records = run(args, g)
+    result = summarize(args, g, records)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)

@@ -1,7 +1,7 @@
 """Equal-budget comparison of every algorithm script on a real small model, the way the papers report:
 held-out accuracy and tokens in a table, training curves in figures.
 
-    python bench/compare_algorithms.py --model $(../shared/tools/prepare_smollm2.sh) --out bench/results/compare
+    python bench/compare_algorithms.py --model $(tools/prepare_smollm2.sh) --out bench/results/compare
 
 1. Writes a task the model starts at roughly 15-30%: single-digit additions in three phrasings, split by
    operand pair, so no pair of the held-out split is ever trained on.
@@ -22,18 +22,17 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import tyro
+from common import ROOT, SCRIPTS, read_metrics, run_dir_of, run_logged, script_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from plot import DEFAULT_METRICS  # noqa: E402
-SCRIPTS = ["grpo.py", "agpo_mask_clip.py", "agpo_adaptive.py", "a_grpo.py"]  # adding a script is one line
 PHRASINGS = ["What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}. What do you get?"]
 
 
 @dataclass
 class Args:
     model: str
-    """local directory of the model (e.g. the output of ../shared/tools/prepare_smollm2.sh)"""
+    """local directory of the model (e.g. the output of tools/prepare_smollm2.sh)"""
     out: str = "bench/results/compare"
     """results: OUT.md, OUT.json, OUT/ (data, runs, evaluation, figures)"""
     scripts: list[str] = field(default_factory=lambda: [s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, s))])
@@ -82,12 +81,7 @@ def write_task(data_dir: str, held_out_pairs: int) -> tuple[str, str]:
 
 def run(cmd: list, log: str) -> float:
     """Run a command with its output in a log file; its wall time, or a clear error naming the log."""
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - t
+    return run_logged(cmd, log, cwd=ROOT)
 
 
 def train(args: Args, script: str, seed: int, train_path: str, runs_dir: str) -> dict:
@@ -96,19 +90,15 @@ def train(args: Args, script: str, seed: int, train_path: str, runs_dir: str) ->
     if args.reuse and os.path.isfile(done):
         with open(done) as f:
             return json.load(f)
-    cmd = [sys.executable, os.path.join(ROOT, script), "--model", args.model, "--dataset", train_path,
-           "--output-dir", out, "--seed", str(seed), "--reward-funcs", args.reward,
-           "--learning-rate", str(args.learning_rate), "--lr-schedule", "constant", "--warmup-ratio", "0",
-           "--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations),
-           "--micro-batch-size", str(args.micro_batch_size), "--max-completion-length", str(args.max_completion_length),
-           "--max-prompt-length", "128", "--total-steps", "1000",
-           "--max-generated-tokens", str(args.max_generated_tokens),
-           "--save-steps", "0", "--log-completions", "0"]
-    os.makedirs(out, exist_ok=True)
+    cmd = script_command(script, args.model, train_path, out, seed=seed, reward_funcs=args.reward,
+                         learning_rate=args.learning_rate, lr_schedule="constant", warmup_ratio=0,
+                         prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+                         micro_batch_size=args.micro_batch_size, max_completion_length=args.max_completion_length,
+                         max_prompt_length=128, total_steps=1000, max_generated_tokens=args.max_generated_tokens,
+                         save_steps=0)
     seconds = run(cmd, os.path.join(out, "train.log"))
-    run_dir = os.path.join(out, next(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))))
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
+    run_dir = run_dir_of(out)
+    metrics = read_metrics(run_dir)
     checkpoint = os.path.join(run_dir, f"checkpoint-{metrics[-1]['step']}")
     result = {"script": script, "seed": seed, "run_dir": run_dir, "checkpoint": checkpoint, "seconds": seconds,
               "steps": metrics[-1]["step"], "tokens": metrics[-1]["tokens/generated_total"],

@@ -72,7 +72,8 @@ def main() -> None:
             f.write("5")  # resets VmHWM, the peak resident memory, to the current resident memory
         before, _ = resident_mib()
     t = time.perf_counter()
-    logp, entropy = grpo.completion_logprobs(model, batch, 1.0, with_entropy=True, chunk_size=args.chunk_size)
+    grpo.LOGPROB_CHUNK = args.chunk_size or 10**9  # 0: every position at once
+    logp, entropy = grpo.completion_logprobs(model, batch, 1.0, with_entropy=True)
     logp.sum().backward()
     seconds = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resident_mib()[1]

@@ -14,7 +14,8 @@ in seconds per update and real tokens per second. Variants:
                   accumulation and reduction; at stage 3 decoder layers as leaf modules and, with gradient
                   checkpointing, plain F.linear (docs/algorithms.md (6.8))
   _dsdefault      ZeRO-3 with DeepSpeed's defaults instead: hooks on every module, its memory-efficient Linear
-  _noleaf         --no-zero3-leaf-layers (hooks on every module)
+  _noleaf         decoder layers not made leaf modules (hooks on every module), set here by stubbing DeepSpeed's
+                  set_z3_leaf_modules in the variant's process
   _mel            DeepSpeed's memory-efficient Linear on
   _bf16grad       DeepSpeed's default bf16 gradient accumulation and reduction
   _persist        stage3_param_persistence_threshold above the largest tensor: nothing partitioned, so no
@@ -32,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 import tyro
+from common import ROOT, with_pythonpath
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["plain_ckpt", "zero3_ckpt", "zero3_dsdefault_ckpt", "zero3_noleaf_ckpt", "zero3_mel_ckpt", "zero2_ckpt",
             "zero0_ckpt", "plain_nockpt", "zero3_nockpt", "zero3_dsdefault_nockpt"]
 
@@ -102,12 +103,15 @@ def one_variant(args: Args) -> dict:
     accumulation = args.sequences // args.micro_batch
     gargs = grpo.Args(model=args.model, beta=0.0, loss_type="dapo", micro_batch_size=args.micro_batch,
                       max_completion_length=args.completion_length, zero_stage=stage if stage is not None else 3,
-                      gradient_checkpointing="on" if name.endswith("_ckpt") else "off", learning_rate=1e-6,
-                      zero3_leaf_layers="_noleaf" not in name and "_dsdefault" not in name)
+                      gradient_checkpointing="on" if name.endswith("_ckpt") else "off", learning_rate=1e-6)
     gargs.epsilon_high = gargs.epsilon
+    if "_noleaf" in name or "_dsdefault" in name:  # DeepSpeed's hooks on every module: no decoder layer made a leaf
+        grpo.deepspeed.utils.set_z3_leaf_modules = lambda model, classes: None
     dtype = torch.bfloat16 if on_gpu else torch.float32
     if stage is None:
         model = grpo.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+        if model.config._attn_implementation == "sdpa":  # packed rows, as setup_models makes them
+            model.set_attn_implementation(grpo.SHARED_PROMPT_ATTENTION)
         if gargs.gradient_checkpointing == "on":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -121,7 +125,7 @@ def one_variant(args: Args) -> dict:
             config["zero_optimization"]["stage3_param_persistence_threshold"] = 10**10
         if "_mel" in name or "_dsdefault" in name:
             config["zero_optimization"]["memory_efficient_linear"] = True
-        engine, _ = grpo.setup_models(gargs, config, dtype, total_updates=10)
+        engine, _ = grpo.setup_models(gargs, config, dtype, total_updates=10, packed=True)
     g = torch.Generator().manual_seed(0)
     hi = min(30000, grpo.AutoConfig.from_pretrained(args.model).vocab_size)
     prompts = [torch.randint(3, hi, (int(torch.randint(80, 161, (1,), generator=g)),), generator=g).tolist()
@@ -131,9 +135,9 @@ def one_variant(args: Args) -> dict:
     rollout = grpo.Rollout(prompt_ids=prompts, completion_ids=completions,
                            advantages=torch.randn(args.sequences, generator=g),
                            loss_mask=grpo.completion_mask([len(c) for c in completions]), pad_id=0,
-                           pack_rows=512 + args.completion_length)
+                           packed=engine.module.config._attn_implementation == grpo.SHARED_PROMPT_ATTENTION)
     sizes = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    plan = grpo.update_plan(args.sequences, gargs, g, sizes)
+    plan = grpo.update_plan(args.sequences, gargs, g, sizes, prompts)
     real = sum(sizes)
 
     def update():
@@ -219,7 +223,7 @@ def main() -> None:
                "--repeats", str(args.repeats), "--sequences", str(args.sequences), "--completion-length",
                str(args.completion_length), "--micro-batch", str(args.micro_batch), "--profile", *args.profile]
         try:
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+            env = with_pythonpath(ROOT)
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             r = json.loads(lines[-1][7:]) if lines else {"rc": proc.returncode, "error": proc.stderr[-1500:]}

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -130,6 +131,61 @@ def run_script(
             f"--- stderr\n{proc.stderr[-10000:]}"
         )
     return proc
+
+
+def script_args(script: str, model: str, dataset: str, out: str | None = None) -> list:
+    """The start of a training script's command line: the script, --model, --dataset and --output-dir."""
+    return [script, "--model", model, "--dataset", dataset] + (["--output-dir", out] if out else [])
+
+
+def tiny_args(prompts_per_step=2, num_generations=4, micro_batch_size=4, total_steps=2, learning_rate=None) -> list:
+    """The batch of the end-to-end runs on the tiny model: a few prompts, completions of at most 16 tokens."""
+    return ["--prompts-per-step", str(prompts_per_step), "--num-generations", str(num_generations),
+            "--micro-batch-size", str(micro_batch_size), "--max-completion-length", "16",
+            "--total-steps", str(total_steps)] + (["--learning-rate", learning_rate] if learning_rate else [])
+
+
+def resume_from_step_1(common: list, out: str, cwd: str) -> list:
+    """`common` continued with --resume from checkpoint-1 of its run in `out`, copied (with step 1's row of
+    metrics.jsonl) into a run directory of its own: the metrics of the resumed run."""
+    name = os.listdir(out)[0]
+    out2 = os.path.join(cwd, "resumed")
+    shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
+    with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(read_metrics(out)[0]) + "\n")
+    run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=cwd)
+    return read_metrics(out2)
+
+
+def assert_same_step(a: dict, b: dict) -> list:
+    """Every metric of a step but the timings equal in two runs; the keys compared."""
+    compared = [k for k in a if not k.startswith(("time/", "tokens/per_second"))]
+    for k in compared:
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    return compared
+
+
+def run_and_resume(common: list, cwd: str, check) -> list:
+    """`common` (saving every step) run for 2 steps in `cwd`/runs, its metrics checked by `check`(out, 2); then
+    resumed from checkpoint-1: every metric of step 2 is the same. The keys compared."""
+    out = os.path.join(cwd, "runs")
+    run_script(common + ["--output-dir", out], cwd=cwd)
+    full = check(out, 2)
+    return assert_same_step(full[1], resume_from_step_1(common, out, cwd)[1])
+
+
+def run_two_ranks(script: str, model: str, dataset: str, out: str, args: list, cwd: str) -> None:
+    """`script` with `args` on two ranks under the deepspeed launcher, 4 prompts a step."""
+    run_script([*script_args(script, model, dataset, out), *args, "--prompts-per-step", "4"], cwd=cwd,
+               launcher=deepspeed_launcher(2))
+
+
+def one_and_two_ranks(check: str, tmp_path) -> tuple:
+    """tests/`check` run in one process and on two ranks under the deepspeed launcher: what each saved."""
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    run_script([os.path.join(TESTS, check), one], cwd=str(tmp_path))
+    run_script([os.path.join(TESTS, check), two], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
+    return torch.load(one), torch.load(two)
 
 
 def read_metrics(run_root: str) -> list:

@@ -47,24 +47,16 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for loss_type in ("grpo", "dapo", "dr_grpo"):
-        args = make_args(
-            algo,
-            micro_batch_size=micro,
-            loss_type=loss_type,
-            beta=0.0,
-            max_completion_length=8,
-            num_iterations=1,
-            num_mini_batches=1,
-            world_size=world,
-        )
+        args = make_args(algo, micro_batch_size=micro, loss_type=loss_type, beta=0.0, max_completion_length=8,
+                         num_iterations=1, num_mini_batches=1)
         full = fixed_rollout(algo, pad_id=0)
         share = N // world
         mine = slice(rank * share, (rank + 1) * share)
         rollout = make_rollout(algo, **{k: v[mine] for k, v in full.items()})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        if leaf:
-            assert algo.zero3_leaf_layers(model), "no decoder layer class found"
+        if leaf:  # the scripts' model: each decoder layer a ZeRO-3 leaf module
+            model = algo.load_model(make_args(algo, model=model_dir, zero_stage=3), torch.float32, packed=False)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()  # transformers checkpoints only in training mode
         config = {
@@ -77,7 +69,8 @@ def main() -> None:
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
         )
-        plan = algo.update_plan(share, args, torch.Generator())
+        sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
+        plan = algo.update_plan(share, args, torch.Generator(), sizes, rollout.prompt_ids)
         update_policy(algo, engine, rollout, plan, args, algo.Metrics(), torch.device("cpu"))
         params = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):

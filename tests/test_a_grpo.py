@@ -2,14 +2,13 @@
 GRPO with every mechanism off, 1 rank = 2 ranks for the global advantage and the controllers, and
 end-to-end runs (one process; resume; two ranks with ZeRO-3 + vLLM)."""
 
-import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
-from conftest import ROOT, TESTS, deepspeed_launcher, make_args, read_metrics, run_script, vllm_importable
+from conftest import (ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script, run_two_ranks,
+                      script_args, tiny_args, vllm_importable)
 from transformers import AutoModelForCausalLM
 
 import a_grpo
@@ -93,16 +92,17 @@ def test_every_mechanism_off_is_grpo(tiny_model, world_of_one):
             p.add_(0.01 * torch.randn(p.shape, generator=g))
     grads, losses = {}, {}
     for algo in (grpo, a_grpo):
-        args = make_args(algo, micro_batch_size=4, num_iterations=2, beta=0.04, world_size=1, adv_mix_lambda=1.0,
+        args = make_args(algo, micro_batch_size=4, num_iterations=2, beta=0.04, adv_mix_lambda=1.0,
                          kl_type="k3", entropy_coef=0.0, adaptive_beta=False, adaptive_epsilon=False)
         adv = grpo.group_advantages(rewards, 4) if algo is grpo else a_grpo.mixed_advantages(rewards, 4, 1.0, 9.9, 9.9)
         rollout = algo.Rollout(prompt_ids=prompts, completion_ids=completions, advantages=adv.float(),
-                               loss_mask=algo.completion_mask(lengths), pad_id=0)
+                               loss_mask=algo.completion_mask(lengths), pad_id=0, packed=False)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole step
         metrics = algo.Metrics()
-        plan = algo.update_plan(8, args, torch.Generator().manual_seed(1))
+        sizes = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        plan = algo.update_plan(8, args, torch.Generator().manual_seed(1), sizes, prompts)
         algo.rollout_logprobs(engine, ref_model, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
         extra = (a_grpo.initial_control(args),) if algo is a_grpo else ()
         algo.update_policy(engine, rollout, plan, args, metrics, "cpu", *extra)
@@ -113,11 +113,7 @@ def test_every_mechanism_off_is_grpo(tiny_model, world_of_one):
 
 
 def test_one_rank_equals_two_ranks_for_advantages_and_controllers(tmp_path):
-    check = os.path.join(TESTS, "a_grpo_check.py")
-    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    run_script([check, one], cwd=str(tmp_path))
-    run_script([check, two], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
-    a, b = torch.load(one), torch.load(two)
+    a, b = one_and_two_ranks("a_grpo_check.py", tmp_path)
     assert torch.allclose(a["advantages"], b["advantages"], atol=1e-12)
     assert a["mean_std"] == pytest.approx(b["mean_std"], rel=1e-12)
     for x, y in zip(a["controls"], b["controls"]):
@@ -125,8 +121,7 @@ def test_one_rank_equals_two_ranks_for_advantages_and_controllers(tmp_path):
     assert a["controls"][-1]["beta"] != 0.001  # the controllers moved
 
 
-TINY = ["--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4", "--max-completion-length", "16",
-        "--total-steps", "2", "--log-completions", "1", "--learning-rate", "1e-2", "--reward-funcs", "toy_rewards:letter_a"]
+TINY = tiny_args(learning_rate="1e-2") + ["--reward-funcs", "toy_rewards:letter_a"]
 METRICS = ["agrpo/beta", "agrpo/eps", "agrpo/kl_ema", "kl", "kl/forward", "kl/reverse", "kl/symmetric", "entropy",
            "clip_ratio/low_mean", "clip_ratio/high_mean", "reward", "grad_norm", "policy_loss", "tokens/generated_total"]
 
@@ -144,7 +139,7 @@ def check_run(out: str, steps: int) -> list:
 
 def test_one_process_transformers(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *TINY],
+    run_script([*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *TINY],
                cwd=str(tmp_path))
     check_run(out, 2)
 
@@ -152,28 +147,13 @@ def test_one_process_transformers(tiny_model, add_data, tmp_path):
 @needs_vllm
 def test_one_process_vllm_and_resume(tiny_model, add_data, tmp_path):
     """--resume from checkpoint-1 continues exactly: β_t, ε_t, m and every metric of step 2."""
-    out = str(tmp_path / "runs")
-    common = [SCRIPT, "--model", tiny_model, "--dataset", add_data, *TINY, "--save-steps", "1", "--sync-check-steps", "1"]
-    run_script(common + ["--output-dir", out], cwd=str(tmp_path))
-    full = check_run(out, 2)
-    assert all(m["sync/logprob_max_abs_diff"] < 1e-3 for m in full)
-    name = os.listdir(out)[0]
-    out2 = str(tmp_path / "resumed")
-    shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
-    with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps(full[0]) + "\n")
-    run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=str(tmp_path))
-    a, b = full[1], read_metrics(out2)[1]
-    compared = [k for k in a if not k.startswith(("time/", "tokens/per_second"))]
+    common = [*script_args(SCRIPT, tiny_model, add_data), *TINY, "--save-steps", "1"]
+    compared = run_and_resume(common, str(tmp_path), check_run)
     assert {"agrpo/beta", "agrpo/eps", "agrpo/kl_ema"} <= set(compared)
-    for k in compared:
-        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
 
 
 @needs_vllm
 def test_deepspeed_two_ranks_zero3_vllm(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *TINY, "--prompts-per-step",
-                "4", "--sync-check-steps", "1"], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
-    metrics = check_run(out, 2)
-    assert all(m["sync/logprob_max_abs_diff"] < 1e-3 for m in metrics)
+    run_two_ranks(SCRIPT, tiny_model, add_data, out, TINY, str(tmp_path))
+    check_run(out, 2)

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TESTS, deepspeed_launcher, make_args, read_metrics, run_script, vllm_importable
+from conftest import (ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script, run_two_ranks,
+                      script_args, tiny_args, vllm_importable)
 from transformers import AutoModelForCausalLM
 
 import agpo_adaptive as agpo
@@ -225,18 +226,18 @@ def test_controllers_off_reduce_to_grpo(tiny_model, world_of_one):
     completions = [torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths]
     grads, losses = {}, {}
     for algo in (grpo, agpo):
-        args = make_args(algo, micro_batch_size=4, num_iterations=1, beta=0.0, loss_type="grpo", world_size=1,
+        args = make_args(algo, micro_batch_size=4, num_iterations=1, beta=0.0, loss_type="grpo",
                          probe=False, adaptive_temperature=False, adaptive_clip=False)
         adv = (agpo.adaptive_advantages(rewards, 4, "std") if algo is agpo else grpo.group_advantages(rewards, 4))
         rollout = algo.Rollout(prompt_ids=prompts, completion_ids=completions, advantages=adv.float(),
-                               loss_mask=algo.completion_mask(lengths), pad_id=0)
+                               loss_mask=algo.completion_mask(lengths), pad_id=0, packed=False)
         if algo is agpo:
             rollout.epsilon = torch.full((8,), args.eps_base)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole optimizer step
         metrics = algo.Metrics()
-        plan = algo.update_plan(8, args, torch.Generator())
+        plan = algo.update_plan(8, args, torch.Generator(), [4 + L for L in lengths], prompts)
         algo.rollout_logprobs(engine, None, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
         algo.update_policy(engine, rollout, plan, args, metrics, "cpu")
         grads[algo] = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -258,7 +259,7 @@ def test_each_training_request_reaches_vllm_with_its_own_temperature():
 
     llm = FakeLLM()
     args = agpo.Args(num_generations=2)
-    generated = agpo.vllm_generate(llm, [[1, 2], [3], [4, 5, 6]], [0.7, 1.0, 1.3], [11, 12, 13], args, [9], None)
+    generated = agpo.vllm_generate(llm, [[1, 2], [3], [4, 5, 6]], [0.7, 1.0, 1.3], [11, 12, 13], args, [9])
     assert [p.temperature for p in llm.params] == [0.7, 1.0, 1.3] and len(llm.prompts) == 3  # one call
     assert [p.seed for p in llm.params] == [11, 12, 13] and all(p.n == 2 for p in llm.params)
     assert len(generated) == 6
@@ -283,11 +284,7 @@ def test_transformers_path_samples_each_row_at_its_prompts_temperature():
 
 
 def test_two_ranks_move_the_controllers_as_one_rank(tmp_path):
-    check = os.path.join(TESTS, "controller_check.py")
-    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    run_script([check, one], cwd=str(tmp_path))
-    run_script([check, two], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
-    a, b = torch.load(one), torch.load(two)
+    a, b = one_and_two_ranks("controller_check.py", tmp_path)
     assert a["controller"] == pytest.approx(b["controller"], rel=1e-12)
     assert torch.allclose(a["tau"], b["tau"]) and torch.allclose(a["eps"], b["eps"])
     assert a["controller"]["u_bar"] > 0 and a["controller"]["h_ref"] > 0 and a["controller"]["drift_bar"] > 0
@@ -295,8 +292,7 @@ def test_two_ranks_move_the_controllers_as_one_rank(tmp_path):
 
 # --- end to end ------------------------------------------------------------------------------------
 
-TINY = ["--prompts-per-step", "2", "--num-generations", "4", "--micro-batch-size", "4", "--max-completion-length", "16",
-        "--total-steps", "2", "--log-completions", "1", "--learning-rate", "1e-2", "--reward-funcs", "toy_rewards:letter_a"]
+TINY = tiny_args(learning_rate="1e-2") + ["--reward-funcs", "toy_rewards:letter_a"]
 METRICS = ["agpo/tau_mean", "agpo/tau_min", "agpo/tau_max", "agpo/eps_mean", "agpo/eps_min", "agpo/eps_max",
            "agpo/probe_reward", "agpo/probe_std", "agpo/vote_entropy", "agpo/skew", "agpo/u", "agpo/u_bar", "agpo/h",
            "agpo/h_ref", "agpo/drift", "agpo/drift_ema", "tokens/probe_total", "time/probe", "reward", "kl", "entropy",
@@ -319,13 +315,13 @@ def check_run(out: str, steps: int, completions: int = 8) -> list:
 
 def test_one_process_transformers_and_the_ablations(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *TINY],
+    run_script([*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *TINY],
                cwd=str(tmp_path))
     metrics = check_run(out, 2)
     assert metrics[0]["agpo/tau_min"] == metrics[0]["agpo/tau_max"] == 1.0  # c = 0 in the first step
     assert metrics[0]["agpo/drift_ema"] == pytest.approx(0.1 * metrics[0]["agpo/drift"])
     off = str(tmp_path / "off")
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", off, "--no-use-vllm", *TINY,
+    run_script([*script_args(SCRIPT, tiny_model, add_data, off), "--no-use-vllm", *TINY,
                 "--no-probe", "--no-adaptive-temperature", "--no-adaptive-clip"], cwd=str(tmp_path))
     for m in read_metrics(off):
         assert m["agpo/tau_mean"] == 1.0 and m["agpo/eps_mean"] == pytest.approx(0.2) and m["tokens/probe_total"] == 0
@@ -336,7 +332,7 @@ def test_robust_dispersion_without_gradient_clipping_does_not_diverge(tiny_model
     """(3.2): ±1 rewards with --dispersion mad: a 2-2 group of 4 has MAD 0, which divided advantages by 1e-8;
     without clipping the gradient norm was ~1e8 times a normal one. With the std fallback it stays normal."""
     out = str(tmp_path / "runs")
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, "--no-use-vllm", *TINY[:-2],
+    run_script([*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *TINY[:-2],
                 "--reward-funcs", "toy_rewards:has_a_pm1", "--dispersion", "mad", "--max-grad-norm", "0"],
                cwd=str(tmp_path))
     norms = [m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m]
@@ -353,31 +349,13 @@ def test_no_probe_needs_both_controllers_off(monkeypatch, add_data, tiny_model):
 @needs_vllm
 def test_one_process_vllm_and_resume(tiny_model, add_data, tmp_path):
     """--resume from checkpoint-1 continues exactly: step 2's τ, ε and every other metric as uninterrupted."""
-    import json
-    import shutil
-
-    out = str(tmp_path / "runs")
-    common = [SCRIPT, "--model", tiny_model, "--dataset", add_data, *TINY, "--save-steps", "1", "--sync-check-steps", "1"]
-    run_script(common + ["--output-dir", out], cwd=str(tmp_path))
-    full = check_run(out, 2)
-    assert all(m["sync/logprob_max_abs_diff"] < 1e-3 for m in full)
-    name = os.listdir(out)[0]
-    out2 = str(tmp_path / "resumed")
-    shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
-    with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps(full[0]) + "\n")
-    run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=str(tmp_path))
-    a, b = full[1], read_metrics(out2)[1]
-    compared = [k for k in a if not k.startswith(("time/", "tokens/per_second"))]
+    common = [*script_args(SCRIPT, tiny_model, add_data), *TINY, "--save-steps", "1"]
+    compared = run_and_resume(common, str(tmp_path), check_run)
     assert {"agpo/tau_mean", "agpo/eps_mean", "agpo/u_bar", "agpo/h_ref", "agpo/drift_ema"} <= set(compared)
-    for k in compared:
-        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
 
 
 @needs_vllm
 def test_deepspeed_two_ranks_zero3_vllm(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
-    run_script([SCRIPT, "--model", tiny_model, "--dataset", add_data, "--output-dir", out, *TINY, "--prompts-per-step",
-                "4", "--sync-check-steps", "1"], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
-    metrics = check_run(out, 2, completions=16)
-    assert all(m["sync/logprob_max_abs_diff"] < 1e-3 for m in metrics)
+    run_two_ranks(SCRIPT, tiny_model, add_data, out, TINY, str(tmp_path))
+    check_run(out, 2, completions=16)

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, run_script, vllm_importable, write_jsonl
 
 import eval as ev
+import grpo
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,7 @@ def test_summary_numbers():
     assert s["tokens_mean"] == 25 and s["tokens_median"] == 25 and s["tokens_correct_mean"] == 10
 
 
-# one row per preset in the format of the published files (../shared/data), plus a bad row each
+# one row per preset in the format of the published test files (<name>_test.jsonl), plus a bad row each
 ROWS = {
     "gsm8k": ({"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}, "5"),
     "math500": ({"problem": "Simplify 6/8.", "solution": "\\boxed{\\frac{3}{4}}", "answer": "\\frac34"}, "\\frac34"),
@@ -75,10 +76,11 @@ def test_same_prompt_as_training(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    for template in ("chat", "plain"):
-        assert ev.build_prompt(tok, "What is 1+1?", ev.Args(model=["x"], template=template)) == grpo.build_prompt(
-            tok, "What is 1+1?", grpo.Args(prompt_template=template)
-        )
+    assert ev.build_prompt is grpo.build_prompt and ev.stop_token_ids is grpo.stop_token_ids
+    chat = ev.build_prompt(tok, "What is 1+1?", ev.Args(model=["x"]).prompt_suffix)
+    assert chat.startswith("<|im_start|>user\nWhat is 1+1? Please reason") and chat.endswith("<|im_start|>assistant\n")
+    tok.chat_template = None  # a base model without a chat template: the plain prompt
+    assert grpo.build_prompt(tok, " What is 1+1? ", " Go.") == "Question: What is 1+1? Go.\nAnswer:"
 
 
 def test_missing_model_is_a_clear_error(monkeypatch, tmp_path):
@@ -164,7 +166,7 @@ def test_stop_tokens_include_the_chat_templates_end_of_turn(tmp_path):
     """A base model (Qwen2.5) ends its text with <|endoftext|> but a chat turn with <|im_end|>."""
     tok = _tokenizer(tmp_path, "<|endoftext|>")
     im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    assert ev.end_of_turn_token_id(tok) == im_end
+    assert grpo.end_of_turn_token_id(tok) == im_end
     assert ev.stop_token_ids(str(tmp_path), tok) == sorted([im_end, endoftext])
 
 
@@ -179,7 +181,7 @@ def test_stop_tokens_add_the_generation_configs_eos(tmp_path):
 
 def test_stop_tokens_without_a_chat_template_are_the_eos(tmp_path):
     tok = _tokenizer(tmp_path, "<|endoftext|>", chat_template=False)
-    assert ev.end_of_turn_token_id(tok) is None
+    assert grpo.end_of_turn_token_id(tok) is None
     assert ev.stop_token_ids(str(tmp_path), tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
 
 
@@ -195,6 +197,12 @@ def test_vllm_request_carries_the_stop_tokens():
     assert engine.params.stop_token_ids == [7, 9]
 
 
+def run_eval(model, data, out, tmp_path, *flags):
+    """eval.py on `data`, 2 samples at temperature 1, results in `out`."""
+    cmd = [os.path.join(ROOT, "eval.py"), "--model", model, "--datasets", data, "--n", "2", "--temperature", "1.0"]
+    return run_script([*cmd, "--output-dir", out, *flags], cwd=str(tmp_path))
+
+
 def _eval_run(tiny_model, tmp_path, extra):
     data = write_jsonl(
         str(tmp_path / "add.jsonl"),
@@ -202,27 +210,7 @@ def _eval_run(tiny_model, tmp_path, extra):
         + [{"question": "broken", "answer": "???{"}],
     )
     out = str(tmp_path / "out")
-    proc = run_script(
-        [
-            os.path.join(ROOT, "eval.py"),
-            "--model",
-            tiny_model,
-            "--datasets",
-            data,
-            "--n",
-            "2",
-            "--temperature",
-            "1.0",
-            "--max-tokens",
-            "8",
-            "--limit",
-            "3",
-            "--output-dir",
-            out,
-            *extra,
-        ],
-        cwd=str(tmp_path),
-    )
+    proc = run_eval(tiny_model, data, out, tmp_path, "--max-tokens", "8", "--limit", "3", *extra)
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)["results"][tiny_model]["add.jsonl"]
     lines = open(os.path.join(out, [f for f in os.listdir(out) if f.endswith(".jsonl")][0])).read().splitlines()
@@ -252,24 +240,7 @@ def test_vllm_seeded_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
         [{"question": f"Start with {a}{filler}. How many?", "answer": f"#### {a}"} for a in range(24)],
     )
     out = str(tmp_path / "out")
-    run_script(
-        [
-            os.path.join(ROOT, "eval.py"),
-            "--model",
-            tiny_model,
-            "--datasets",
-            data,
-            "--n",
-            "2",
-            "--temperature",
-            "1.0",
-            "--max-tokens",
-            "4",
-            "--output-dir",
-            out,
-        ],
-        cwd=str(tmp_path),
-    )
+    run_eval(tiny_model, data, out, tmp_path, "--max-tokens", "4")
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["results"][tiny_model]["long.jsonl"]["problems"] == 24
 

@@ -3,48 +3,17 @@ the letter 'a' in its completion), the mean reward rises far beyond what drift g
 
 import os
 
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, read_metrics, run_script, script_args, tiny_args
 
-ARGS = [
-    "--prompts-per-step",
-    "4",
-    "--num-generations",
-    "8",
-    "--micro-batch-size",
-    "16",
-    "--max-completion-length",
-    "16",
-    "--total-steps",
-    "30",
-    "--save-steps",
-    "0",
-    "--beta",
-    "0",
-    "--warmup-ratio",
-    "0",
-    "--reward-funcs",
-    "toy_rewards:letter_a",
-    "--no-use-vllm",
-    "--log-completions",
-    "0",
-]
+ARGS = tiny_args(prompts_per_step=4, num_generations=8, micro_batch_size=16, total_steps=30) + [
+    "--save-steps", "0", "--beta", "0", "--warmup-ratio", "0", "--reward-funcs", "toy_rewards:letter_a",
+    "--no-use-vllm"]
 
 
 def rewards_of(tiny_model, add_data, tmp_path, lr):
     out = str(tmp_path / f"runs_{lr}")
     run_script(
-        [
-            os.path.join(ROOT, "grpo.py"),
-            "--model",
-            tiny_model,
-            "--dataset",
-            add_data,
-            "--output-dir",
-            out,
-            "--learning-rate",
-            lr,
-            *ARGS,
-        ],
+        [*script_args(os.path.join(ROOT, "grpo.py"), tiny_model, add_data, out), "--learning-rate", lr, *ARGS],
         cwd=str(tmp_path),
     )
     return [m["reward"] for m in read_metrics(out)]

@@ -9,114 +9,81 @@ import rewards
 BOUND_S = 10.0  # a hang guard, not a speed target: one call must come back, whatever the text
 
 
-@pytest.mark.parametrize(
-    "completion, gold, expected",
-    [
-        ("so she has \\boxed{1234} apples", "Natalia sold ... 1,234 total.\n#### 1,234", 1.0),  # GSM8K gold
-        ("\\boxed{1,234}", "#### 1234", 1.0),
-        ("\\boxed{1235}", "#### 1,234", 0.0),
-        ("The answer is 1234.", "#### 1234", 0.0),  # no \boxed{}: no answer
-        ("\\boxed{\\frac{3}{56}}", "so \\boxed{\\frac{3}{56}}", 1.0),  # MATH gold in a solution
-        ("\\boxed{\\dfrac{3}{56}}", "\\frac{3}{56}", 1.0),
-        ("\\boxed{3/56}", "\\frac{3}{56}", 1.0),
-        ("\\boxed{\\frac{3}{57}}", "\\frac{3}{56}", 0.0),
-        ("\\boxed{0.5}", "1/2", 1.0),  # 0.5 vs 1/2
-        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-        ("\\boxed{72}", 72.0, 1.0),  # numeric answer fields (AMC, SVAMP)
-        ("first \\boxed{3} then \\boxed{4}", "#### 4", 1.0),  # the last box counts
-        ("\\boxed{x^2+1}", "1 + x^2", 1.0),
-    ],
-)
-def test_correctness_on_real_gold_formats(completion, gold, expected):
-    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
+# (what it checks, completion, gold, expected reward): rewards.correctness_reward on one completion
+CORRECTNESS = [
+    # real gold formats: GSM8K's `#### n`, MATH's solutions, numeric answer fields
+    ("gold_format", "so she has \\boxed{1234} apples", "Natalia sold ... 1,234 total.\n#### 1,234", 1.0),  # GSM8K gold
+    ("gold_format", "\\boxed{1,234}", "#### 1234", 1.0),
+    ("gold_format", "\\boxed{1235}", "#### 1,234", 0.0),
+    ("gold_format", "The answer is 1234.", "#### 1234", 0.0),  # no \boxed{}: no answer
+    ("gold_format", "\\boxed{\\frac{3}{56}}", "so \\boxed{\\frac{3}{56}}", 1.0),  # MATH gold in a solution
+    ("gold_format", "\\boxed{\\dfrac{3}{56}}", "\\frac{3}{56}", 1.0),
+    ("gold_format", "\\boxed{3/56}", "\\frac{3}{56}", 1.0),
+    ("gold_format", "\\boxed{\\frac{3}{57}}", "\\frac{3}{56}", 0.0),
+    ("gold_format", "\\boxed{0.5}", "1/2", 1.0),  # 0.5 vs 1/2
+    ("gold_format", "\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("gold_format", "\\boxed{72}", 72.0, 1.0),  # numeric answer fields (AMC, SVAMP)
+    ("gold_format", "first \\boxed{3} then \\boxed{4}", "#### 4", 1.0),  # the last box counts
+    ("gold_format", "\\boxed{x^2+1}", "1 + x^2", 1.0),
+    # docs/algorithms.md (5.1): a number with a unit or words is that number, on either side
+    ("unit", "\\boxed{9}", "9 (apples)", 1.0),  # math-verify reads this gold as 9*E*a*l*p*p*s
+    ("unit", "\\boxed{9 apples}", "9 (apples)", 1.0),
+    ("unit", "\\boxed{8}", "9 (apples)", 0.0),
+    ("unit", "\\boxed{9 (apples)}", "9", 1.0),
+    ("unit", "\\boxed{15}", "15 balls", 1.0),
+    ("unit", "\\boxed{16 balls}", "15 balls", 0.0),
+    ("unit", "\\boxed{18}", "$18", 1.0),
+    ("unit", "\\boxed{18}", "\\$18", 1.0),
+    ("unit", "\\boxed{\\$18}", "18", 1.0),
+    ("unit", "\\boxed{\\$17}", "\\$18", 0.0),
+    ("unit", "\\boxed{5}", "5 cm", 1.0),
+    ("unit", "\\boxed{5\\,\\text{cm}}", "5", 1.0),
+    ("unit", "\\boxed{40}", "40%", 1.0),
+    ("unit", "\\boxed{40\\%}", "40\\%", 1.0),
+    ("unit", "\\boxed{41}", "40\\%", 0.0),
+    ("unit", "\\boxed{3}", "3 \\text{ cm}", 1.0),
+    ("unit", "\\boxed{12}", "12 cm^2", 1.0),
+    ("unit", "\\boxed{12 \\text{ cm}^2}", "12", 1.0),
+    ("unit", "\\boxed{13}", "12 cm^2", 0.0),
+    ("unit", "\\boxed{\\text{9 apples}}", "9 (apples)", 1.0),
+    ("unit", "\\boxed{90}", "90^\\circ", 1.0),
+    ("unit", "\\boxed{\\frac{18}{2}}", "9 (apples)", 1.0),  # the reduced gold goes to math-verify too
+    ("unit", "\\boxed{1,234 dollars}", "#### 1,234", 1.0),
+    # an expression is not reduced to its number
+    ("expression", "\\boxed{2}", "2x", 0.0),
+    ("expression", "\\boxed{2x}", "2x", 1.0),
+    ("expression", "\\boxed{2}", "2xy", 0.0),
+    ("expression", "\\boxed{1}", "x^2+1", 0.0),
+    ("expression", "\\boxed{3}", "3 and 4", 0.0),
+    ("expression", "\\boxed{3}", "\\frac{3}{4}", 0.0),
+    ("expression", "\\boxed{5}", "5 + 3", 0.0),
+    ("expression", "\\boxed{8}", "5 + 3", 1.0),
+    ("expression", "\\boxed{3}", "3 pi", 0.0),
+    ("expression", "\\boxed{5}", "5 cm by 3 cm", 0.0),  # a second number: not one number with a unit
+    # math-verify reads a plain word as a product of letters, so any permutation would be "equal"
+    ("word", "\\boxed{Tuesday}", "Tuesday", 1.0),
+    ("word", "\\boxed{\\text{tuesday}}", "Tuesday", 1.0),
+    ("word", "\\boxed{ TUESDAY. }", "\\text{Tuesday}", 1.0),
+    ("word", "\\boxed{yadseuT}", "Tuesday", 0.0),
+    ("word", "\\boxed{Yes}", "yes", 1.0),
+    ("word", "\\boxed{sey}", "yes", 0.0),
+    ("word", "\\boxed{apples}", "apples", 1.0),
+    ("word", "\\boxed{sppale}", "apples", 0.0),
+    ("word", "\\boxed{no  solution}", "No solution", 1.0),
+    # docs/algorithms.md (5.2): only thousands groups are one number; a comma list stays a list
+    ("comma", "\\boxed{1, 3, 5}", "1,3,5", 1.0),
+    ("comma", "\\boxed{135}", "1,3,5", 0.0),
+    ("comma", "\\boxed{1,3,5}", "135", 0.0),
+    ("comma", "\\boxed{1, 35}", "135", 0.0),
+    ("comma", "\\boxed{1,234,567}", "1234567", 1.0),
+    ("comma", "\\boxed{-1,234.5}", "-1234.5", 1.0),
+    ("comma", "\\boxed{1,2345}", "12345", 0.0),
+    ("comma", "\\boxed{1 234}", "1234", 1.0),  # SI-style groups (math-verify alone reads "1 234" as 235)
+]
 
 
-# docs/algorithms.md (5.1): a number with a unit or words is that number, on either side
-@pytest.mark.parametrize(
-    "completion, gold, expected",
-    [
-        ("\\boxed{9}", "9 (apples)", 1.0),  # math-verify reads this gold as 9*E*a*l*p*p*s
-        ("\\boxed{9 apples}", "9 (apples)", 1.0),
-        ("\\boxed{8}", "9 (apples)", 0.0),
-        ("\\boxed{9 (apples)}", "9", 1.0),
-        ("\\boxed{15}", "15 balls", 1.0),
-        ("\\boxed{16 balls}", "15 balls", 0.0),
-        ("\\boxed{18}", "$18", 1.0),
-        ("\\boxed{18}", "\\$18", 1.0),
-        ("\\boxed{\\$18}", "18", 1.0),
-        ("\\boxed{\\$17}", "\\$18", 0.0),
-        ("\\boxed{5}", "5 cm", 1.0),
-        ("\\boxed{5\\,\\text{cm}}", "5", 1.0),
-        ("\\boxed{40}", "40%", 1.0),
-        ("\\boxed{40\\%}", "40\\%", 1.0),
-        ("\\boxed{41}", "40\\%", 0.0),
-        ("\\boxed{3}", "3 \\text{ cm}", 1.0),
-        ("\\boxed{12}", "12 cm^2", 1.0),
-        ("\\boxed{12 \\text{ cm}^2}", "12", 1.0),
-        ("\\boxed{13}", "12 cm^2", 0.0),
-        ("\\boxed{\\text{9 apples}}", "9 (apples)", 1.0),
-        ("\\boxed{90}", "90^\\circ", 1.0),
-        ("\\boxed{\\frac{18}{2}}", "9 (apples)", 1.0),  # the reduced gold goes to math-verify too
-        ("\\boxed{1,234 dollars}", "#### 1,234", 1.0),
-    ],
-)
-def test_number_with_unit_or_words_is_that_number(completion, gold, expected):
-    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
-
-
-@pytest.mark.parametrize(
-    "completion, gold, expected",
-    [
-        ("\\boxed{2}", "2x", 0.0),
-        ("\\boxed{2x}", "2x", 1.0),
-        ("\\boxed{2}", "2xy", 0.0),
-        ("\\boxed{1}", "x^2+1", 0.0),
-        ("\\boxed{3}", "3 and 4", 0.0),
-        ("\\boxed{3}", "\\frac{3}{4}", 0.0),
-        ("\\boxed{5}", "5 + 3", 0.0),
-        ("\\boxed{8}", "5 + 3", 1.0),
-        ("\\boxed{3}", "3 pi", 0.0),
-        ("\\boxed{5}", "5 cm by 3 cm", 0.0),  # a second number: not one number with a unit
-    ],
-)
-def test_expressions_are_not_reduced_to_their_number(completion, gold, expected):
-    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
-
-
-# math-verify reads a plain word as a product of letters, so any permutation would be "equal"
-@pytest.mark.parametrize(
-    "completion, gold, expected",
-    [
-        ("\\boxed{Tuesday}", "Tuesday", 1.0),
-        ("\\boxed{\\text{tuesday}}", "Tuesday", 1.0),
-        ("\\boxed{ TUESDAY. }", "\\text{Tuesday}", 1.0),
-        ("\\boxed{yadseuT}", "Tuesday", 0.0),
-        ("\\boxed{Yes}", "yes", 1.0),
-        ("\\boxed{sey}", "yes", 0.0),
-        ("\\boxed{apples}", "apples", 1.0),
-        ("\\boxed{sppale}", "apples", 0.0),
-        ("\\boxed{no  solution}", "No solution", 1.0),
-    ],
-)
-def test_word_golds_compare_as_text(completion, gold, expected):
-    assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
-
-
-# docs/algorithms.md (5.2): only thousands groups are one number; a comma list stays a list
-@pytest.mark.parametrize(
-    "completion, gold, expected",
-    [
-        ("\\boxed{1, 3, 5}", "1,3,5", 1.0),
-        ("\\boxed{135}", "1,3,5", 0.0),
-        ("\\boxed{1,3,5}", "135", 0.0),
-        ("\\boxed{1, 35}", "135", 0.0),
-        ("\\boxed{1,234,567}", "1234567", 1.0),
-        ("\\boxed{-1,234.5}", "-1234.5", 1.0),
-        ("\\boxed{1,2345}", "12345", 0.0),
-        ("\\boxed{1 234}", "1234", 1.0),  # SI-style groups (math-verify alone reads "1 234" as 235)
-    ],
-)
-def test_commas_are_thousands_groups_or_a_list(completion, gold, expected):
+@pytest.mark.parametrize("kind, completion, gold, expected", CORRECTNESS)
+def test_correctness(kind, completion, gold, expected):
     assert rewards.correctness_reward(["q"], [completion], [gold]) == [expected]
 
 

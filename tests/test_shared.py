@@ -44,6 +44,12 @@ class PlainEngine:
         return self.grad_norms[-1]
 
 
+def plan_of(algo, rollout, args, seed):
+    """The update plan main() makes for this rollout: micro-batches balanced by tokens, prompt by prompt (6.7)."""
+    sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
+    return algo.update_plan(len(sizes), args, torch.Generator().manual_seed(seed), sizes, rollout.prompt_ids)
+
+
 def rollout_of(algo, lengths, pad_id=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = len(lengths)
@@ -64,16 +70,16 @@ def test_padded_positions_never_reach_an_exp(algo, tiny_model, world_of_one, mon
     that position's weight is 0. β > 0 and μ = 2 (shuffled micro-batches), through update_policy."""
     real = algo.completion_logprobs
 
-    def very_unlikely_padding(model, batch, temperature, with_entropy=False, chunk_size=256):
-        logp, entropy = real(model, batch, temperature, with_entropy, chunk_size)
+    def very_unlikely_padding(model, batch, temperature, with_entropy=False):
+        logp, entropy = real(model, batch, temperature, with_entropy)
         padded = batch["completion_ids"] == 0  # pad id 0; the test's completions never hold token 0
         return logp - 100.0 * padded, entropy  # still a function of the weights there, as in training
 
     monkeypatch.setattr(algo, "completion_logprobs", very_unlikely_padding)
-    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1)
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8)
     engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
     rollout = rollout_of(algo, [1, 8, 3, 6])
-    plan = algo.update_plan(4, args, torch.Generator().manual_seed(0))
+    plan = plan_of(algo, rollout, args, 0)
     algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
     assert rollout.ref_logp[0, 1:].eq(0).all() and rollout.old_logp[0, 1:].eq(0).all()  # padding in the cache
     metrics = algo.Metrics()
@@ -96,7 +102,7 @@ def test_loss_is_finite_where_masked_logprobs_are_extreme(algo):
 
 @each
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_chunked_logprobs_equal_the_unchunked_ones(algo, tiny_model, with_entropy):
+def test_chunked_logprobs_equal_the_unchunked_ones(algo, tiny_model, with_entropy, monkeypatch):
     """docs/algorithms.md (6.3): chunks of positions (recomputed in the backward) give the same
     log-probs, entropy and gradient as one fp32 log-softmax over all positions."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -104,9 +110,10 @@ def test_chunked_logprobs_equal_the_unchunked_ones(algo, tiny_model, with_entrop
     batch = rollout.micro_batch([0, 1, 2], "cpu")
     weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
     results = []
-    for chunk in (0, 3):
+    for chunk in (10**9, 3):
+        monkeypatch.setattr(algo, "LOGPROB_CHUNK", chunk)
         model.zero_grad()
-        logp, entropy = algo.completion_logprobs(model, batch, 0.7, with_entropy=with_entropy, chunk_size=chunk)
+        logp, entropy = algo.completion_logprobs(model, batch, 0.7, with_entropy=with_entropy)
         (logp * weights * batch["loss_mask"]).sum().backward()
         results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
     (a, ent_a, grad_a), (b, ent_b, grad_b) = results
@@ -123,9 +130,9 @@ def test_old_logprobs_come_from_the_first_pass_micro_batches(algo, tiny_model):
     with, so ℓold computed in other micro-batches than the update's first pass would make that
     pass's ratio differ from 1. Computed from the same micro-batches, it is exactly 1."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.0, world_size=1)
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.0)
     rollout = rollout_of(algo, [3, 9, 5, 12, 2, 7, 4, 10])
-    plan = algo.update_plan(8, args, torch.Generator().manual_seed(3))
+    plan = plan_of(algo, rollout, args, 3)
     first_pass = [ix for mini in plan[0] for ix in mini]
     assert first_pass != [[0, 1], [2, 3], [4, 5], [6, 7]]  # shuffled
     algo.rollout_logprobs(model, None, rollout, first_pass, args, "cpu")
@@ -154,9 +161,9 @@ def test_stop_tokens_include_the_chat_templates_end_of_turn(algo, tmp_path):
     assert ids == sorted({tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")})
     tok.chat_template = None
     assert algo.stop_token_ids(str(tmp_path), tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
-    # eval.py carries the same two functions (it stays importable without DeepSpeed)
-    for fn in ("end_of_turn_token_id", "stop_token_ids"):
-        assert inspect.getsource(getattr(algo, fn)) == inspect.getsource(getattr(ev, fn))
+    # eval.py stops where training stops: it uses grpo.py's function, which every script carries unchanged
+    assert ev.stop_token_ids.__module__ == "grpo"
+    assert inspect.getsource(algo.stop_token_ids) == inspect.getsource(ev.stop_token_ids)
 
 
 def _collective_args(tree: ast.AST):
@@ -230,7 +237,7 @@ algo = __import__(sys.argv[1])
 algo.init_distributed()
 for ckpt in ("on", "off"):  # "off" last: DeepSpeed's patch of F.linear lasts for the process
     args = make_args(algo, model=sys.argv[2], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3)
-    algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
+    algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10, packed=False)
     print(ckpt, torch.nn.functional.linear is zero3_linear_wrap)
 """
 
@@ -247,32 +254,16 @@ def test_zero3_trains_with_plain_linear_under_checkpointing(algo, tiny_model, tm
 
 @each
 def test_decoder_layers_become_zero3_leaf_modules(algo, tiny_model):
+    """docs/algorithms.md (6.8): under ZeRO-3 each decoder layer is fetched and hooked as one unit; the packed
+    layout's attention is set on the model, the padded one keeps sdpa."""
     from deepspeed.utils import z3_leaf_module
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    classes = algo.zero3_leaf_layers(model)
-    assert [c.__name__ for c in classes] == ["Qwen2DecoderLayer"]
+    model = algo.load_model(make_args(algo, model=tiny_model, zero_stage=3), torch.float32, packed=True)
     leaves = [type(m).__name__ for m in model.modules() if z3_leaf_module(m)]
     assert leaves == ["Qwen2DecoderLayer"] * model.config.num_hidden_layers
-    bare = AutoModelForCausalLM.from_pretrained(tiny_model)
-    bare._no_split_modules = None  # a model that names no layer class keeps DeepSpeed's per-module hooks
-    assert algo.zero3_leaf_layers(bare) == [] and not any(z3_leaf_module(m) for m in bare.modules())
-
-
-@each
-def test_engine_flags_are_settled_before_they_are_recorded(algo):
-    def settle(on_gpu, vllm_ok, **flags):
-        args = algo.Args(**flags)
-        notes = algo.resolve_engine_flags(args, on_gpu, vllm_ok)
-        return args.use_vllm, args.vllm_sleep, args.gradient_checkpointing, notes
-
-    assert settle(True, True)[:3] == (True, "on", "on")  # CUDA defaults: sleep and checkpointing on
-    assert settle(False, True)[:3] == (True, "off", "off")  # CPU: no sleep mode, checkpointing costs time
-    use_vllm, sleep, _, notes = settle(True, False, vllm_sleep="on")  # no engine: no sleep mode either
-    assert (use_vllm, sleep) == (False, "off") and any("not importable" in n for n in notes)
-    assert settle(True, True, use_vllm=False)[1] == "off"
-    assert settle(True, True, gradient_checkpointing="off", vllm_sleep="off")[1:3] == ("off", "off")
+    assert model.config._attn_implementation == algo.SHARED_PROMPT_ATTENTION
+    plain = algo.load_model(make_args(algo, model=tiny_model, zero_stage=2), torch.float32, packed=False)
+    assert not any(z3_leaf_module(m) for m in plain.modules()) and plain.config._attn_implementation == "sdpa"
 
 
 @each
@@ -283,8 +274,8 @@ def test_help_offers_options_only(algo):
 
         tyro.cli(algo.Args, args=["--help"])
     text = out.getvalue()
-    assert "--learning-rate" in text and "--vllm-tensor-parallel-size" in text
-    assert "--world-size" not in text and "epsilon-high_" not in text and "(derived)" not in text
+    assert "--learning-rate" in text and "--use-vllm" in text
+    assert "--world-size" not in text and "--local-rank" not in text and "epsilon-high_" not in text and "(derived)" not in text
 
 
 @each
@@ -332,10 +323,12 @@ def test_scripts_cite_the_repositorys_own_maths(algo):
 
 
 @each
-def test_tensor_parallel_size_must_divide_the_ranks(algo, monkeypatch):
-    args = make_args(algo, vllm_tensor_parallel_size=3, world_size=4, prompts_per_step=4)
-    with pytest.raises(SystemExit, match="--vllm-tensor-parallel-size 3 must divide the 4 ranks"):
-        algo.validate(args)
+def test_bad_flags_fail_before_any_model_is_loaded(algo):
+    args = make_args(algo, prompts_per_step=6, num_generations=1)
+    with pytest.raises(SystemExit, match="multiple of the 4 ranks") as e:
+        algo.validate(args, 4)
+    assert "--num-generations 1: a group needs at least 2" in str(e.value)  # every problem at once
+    algo.validate(make_args(algo, prompts_per_step=8, micro_batch_size=8), 4)  # 2 prompts × 8 per rank: valid
 
 
 def test_untied_tiny_model_has_its_own_lm_head(tmp_path):
@@ -355,55 +348,8 @@ def test_totals_add_up_over_calls_and_ranks(algo, world_of_one):
 
 
 @each
-def test_packed_rows_give_the_padded_logprobs_and_gradient(algo, tiny_model):
-    """--padding-free: sequences packed into rows (position ids restart, no attention across sequences) give the
-    same per-token log-probs, entropy and gradient as left/right-padded rows."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    rollout = rollout_of(algo, [7, 2, 5, 1, 9])
-    weights = torch.randn(5, 9, generator=torch.Generator().manual_seed(2))
-    results = []
-    for rows in (0, 24):  # padded; packed into rows of at most 24 tokens (prompts are 3-6 tokens)
-        rollout.pack_rows = rows
-        batch = rollout.micro_batch([0, 1, 2, 3, 4], "cpu")
-        assert ("logit_index" in batch) == (rows > 0)
-        model.zero_grad()
-        logp, entropy = algo.completion_logprobs(model, batch, 0.8, with_entropy=True, chunk_size=4)
-        (logp * weights[:, : logp.shape[1]] * batch["completion_mask"]).sum().backward()
-        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], batch))
-    (a, ent_a, grad_a, padded), (b, ent_b, grad_b, packed) = results
-    mask = padded["completion_mask"].bool()
-    assert torch.allclose(a[mask], b[mask], atol=1e-5) and (b[~mask] == 0).all()
-    assert torch.allclose(ent_a[mask], ent_b[mask], atol=1e-4)
-    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grad_a, grad_b))
-    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # fewer positions computed
-
-
-@each
-def test_pack_layout(algo):
-    batch = algo.pack([[1, 2], [3], [4, 5, 6]], [[7, 8, 9], [10], [11, 12]], 0, 6, "cpu")
-    # first fit into rows of 6: 5 tokens; 2 more do not fit row 0; 5 more fit neither row: a third row
-    assert batch["input_ids"].tolist() == [[1, 2, 7, 8, 9], [3, 10, 0, 0, 0], [4, 5, 6, 11, 12]]
-    flat = batch["input_ids"].flatten()
-    # the logit at each index predicts the next token, which is the completion token in order
-    assert flat[batch["logit_index"] + 1].tolist() == [7, 8, 9, 10, 11, 12]
-    pos = batch["position_ids"].flatten()
-    assert pos[batch["logit_index"] + 1].tolist() == [2, 3, 4, 1, 3, 4]  # positions restart at each sequence
-    assert batch["attention_mask"] is None and batch["completion_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
-
-
-@each
-def test_packed_rows_are_never_wider_than_the_longest_sequence(algo):
-    """Rows of the length bound would make every row's (dense, on CPU) attention span it: rows are no longer than the
-    longest sequence, so packing never computes more positions than padding."""
-    prompts, completions = [[1] * 3, [2] * 3, [3], [4]], [[5] * 2, [6] * 2, [7], [8]]  # sequences of 5, 5, 2, 2
-    batch = algo.pack(prompts, completions, 0, 100, "cpu")
-    assert list(batch["input_ids"].shape) == [3, 5]  # [5], [5], [2 + 2]
-    assert batch["input_ids"].numel() <= len(prompts) * (3 + 2)  # padded: 4 rows of the longest prompt + completion
-
-
-@each
-def test_shared_prompts_give_the_padded_logprobs_and_gradient(algo, tiny_model):
-    """--share-prompts: each prompt once per micro-batch, its completions attending to it through
+def test_shared_prompts_give_the_padded_logprobs_and_gradient(algo, tiny_model, monkeypatch):
+    """docs/algorithms.md (6.7): each prompt once per micro-batch, its completions attending to it through
     shared_prompt_attention's segments, gives the per-token log-probs, entropy and gradient of padded rows with fewer
     positions computed; also when a prompt's completions are split over two micro-batches (a copy in each)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -415,19 +361,20 @@ def test_shared_prompts_give_the_padded_logprobs_and_gradient(algo, tiny_model):
                            completion_ids=[torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths],
                            advantages=torch.randn(8, generator=g), loss_mask=algo.completion_mask(lengths))
     weights = torch.randn(8, 9, generator=g)
+    monkeypatch.setattr(algo, "LOGPROB_CHUNK", 4)
     with pytest.raises(RuntimeError, match="set_attn_implementation"):  # plain sdpa would ignore the segments
-        rollout.pack_rows, rollout.share_prompts = 24, True
+        rollout.packed = True
         algo.completion_logprobs(model, rollout.micro_batch(list(range(8)), "cpu"), 0.8)
     model.set_attn_implementation(algo.SHARED_PROMPT_ATTENTION)  # padded rows: its plain-sdpa path
     results = []
-    for rows, share, parts in ((0, False, [range(8)]), (24, True, [range(8)]), (24, True, [range(3), range(3, 8)])):
-        rollout.pack_rows, rollout.share_prompts = rows, share
+    for share, parts in ((False, [range(8)]), (True, [range(8)]), (True, [range(3), range(3, 8)])):
+        rollout.packed = share
         model.zero_grad()
         logps, entropies, tokens = torch.zeros(8, 9), torch.zeros(8, 9), 0
         for ix in parts:
             batch = rollout.micro_batch(list(ix), "cpu")
             assert ("shared_prompts" in batch) == share
-            logp, entropy = algo.completion_logprobs(model, batch, 0.8, with_entropy=True, chunk_size=4)
+            logp, entropy = algo.completion_logprobs(model, batch, 0.8, with_entropy=True)
             (logp * weights[list(ix), : logp.shape[1]] * batch["completion_mask"]).sum().backward()
             logps[list(ix), : logp.shape[1]], entropies[list(ix), : logp.shape[1]] = logp.detach(), entropy.detach()
             tokens += batch["tokens"]
@@ -450,8 +397,7 @@ def test_shared_prompt_layout(algo):
     """[prompt, its completions...] per prompt, end to end in one row: positions continue the prompt's in each
     completion, the first token of each completion is predicted from the prompt's last position, and the attention
     segments let each prompt see itself and each completion its prompt and itself, never later keys."""
-    batch = algo.pack([[1, 2], [3], [1, 2], [1, 2]], [[7, 8], [9, 4], [10], [11, 12]], 0, 6, "cpu",
-                      share_prompts=True)
+    batch = algo.pack([[1, 2], [3], [1, 2], [1, 2]], [[7, 8], [9, 4], [10], [11, 12]], 0, "cpu")
     assert batch["input_ids"].tolist() == [[1, 2, 7, 8, 10, 11, 12, 3, 9, 4]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3, 0, 1, 2]]
     assert batch["logit_index"].tolist() == [1, 2, 7, 8, 1, 1, 5]  # sequence by sequence
@@ -467,29 +413,25 @@ def test_shared_prompt_layout(algo):
                                        8: [7, 8], 9: [7, 8, 9]}
     # every padded query slot sees a key (no empty softmax row), and the transformers mask stands in, one element
     assert pm.any(-1).all() and cm.any(-1).all() and batch["attention_mask"].numel() == 1
-    assert algo.pack([[1, 2], [3]], [[7, 8], []], 0, 6, "cpu", share_prompts=True)["tokens"] == 5  # empty completion
-    assert "shared_prompts" not in algo.pack([[1, 2], [3]], [[7, 8], [4]], 0, 6, "cpu")
+    assert algo.pack([[1, 2], [3]], [[7, 8], []], 0, "cpu")["tokens"] == 5  # an empty completion
 
 
 @each
 def test_shared_prompt_micro_batches_keep_a_prompts_completions_together(algo):
     """With shared prompts a micro-batch computes each of its prompts once: the split cuts the sequences, prompt by
-    prompt, into consecutive runs of balanced cost, so 4 prompts × 8 completions in 4 micro-batches are 4 groups;
-    the split by sequence sizes alone spreads each prompt's completions over the micro-batches."""
+    prompt, into consecutive runs of balanced cost, so 4 prompts × 8 completions in 4 micro-batches are 4 groups."""
     prompt_ids = [[p] * (80 + 10 * p) for p in range(4) for _ in range(8)]
     g = torch.Generator().manual_seed(0)
     sizes = [len(p) + int(torch.randint(30, 65, (1,), generator=g)) for p in prompt_ids]
     groups = algo.balanced_split(list(range(32)), sizes, 4, prompt_ids)
     assert groups == [list(range(k * 8, k * 8 + 8)) for k in range(4)]
-    copies = sum(len({prompt_ids[i][0] for i in mb}) for mb in algo.balanced_split(list(range(32)), sizes, 4))
-    assert copies > 8  # by sizes alone the prompts are spread: more than twice the 4 copies computed
     for parts in (3, 5, 32):  # cuts inside a group: every sequence once, no micro-batch empty, costs balanced
         groups = algo.balanced_split(list(range(32)), sizes, parts, prompt_ids)
         assert len(groups) == parts and all(groups) and sorted(i for mb in groups for i in mb) == list(range(32))
         cost = [sum(sizes[i] for i in mb) - sum(len(prompt_ids[i]) for i in mb)
                 + sum(len(prompt_ids[i]) for i in {prompt_ids[i][0]: i for i in mb}.values()) for mb in groups]
         assert max(cost) <= sum(cost) / parts + max(sizes)
-    args = make_args(algo, micro_batch_size=8, num_iterations=1, world_size=1)
+    args = make_args(algo, micro_batch_size=8, num_iterations=1)
     assert algo.update_plan(32, args, torch.Generator(), sizes, prompt_ids)[0][0] == [list(range(k * 8, k * 8 + 8))
                                                                                       for k in range(4)]
 
@@ -511,18 +453,18 @@ def test_share_prompts_only_without_sliding_windows(algo):
 
 @each
 def test_micro_batches_balance_tokens(algo):
-    sizes = [100, 10, 90, 20, 80, 30, 70, 40]
-    groups = algo.balanced_split(list(range(8)), sizes, 2)
+    sizes, prompts = [100, 10, 90, 20, 80, 30, 70, 40], [[i] for i in range(8)]  # a prompt each
+    groups = algo.balanced_split(list(range(8)), sizes, 2, prompts)
     assert sorted(i for g in groups for i in g) == list(range(8))
     loads = [sum(sizes[i] for i in g) for g in groups]
-    assert max(loads) - min(loads) <= 10  # equal sequence counts would give 100+10+90+20 = 220 vs 220 here by luck
-    args = make_args(algo, micro_batch_size=2, num_iterations=1, world_size=1)
-    plan = algo.update_plan(8, args, torch.Generator(), sizes)
+    assert max(loads) - min(loads) <= 10
+    args = make_args(algo, micro_batch_size=2, num_iterations=1)
+    plan = algo.update_plan(8, args, torch.Generator(), sizes, prompts)
     assert len(plan[0][0]) == 4 and sorted(i for mb in plan[0][0] for i in mb) == list(range(8))
     loads = [sum(sizes[i] for i in mb) for mb in plan[0][0]]
     assert max(loads) - min(loads) <= 20
-    args.micro_batch_by_tokens = False
-    assert algo.update_plan(8, args, torch.Generator(), sizes)[0][0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    sizes[0] = 400  # one long sequence: it gets a micro-batch of its own
+    assert [0] in algo.update_plan(8, args, torch.Generator(), sizes, prompts)[0][0]
 
 
 @each
@@ -531,14 +473,14 @@ def test_no_optimizer_step_without_signal(algo, tiny_model, world_of_one, skip):
     """docs/algorithms.md (6.9): every advantage 0 → no backward and no optimizer step (nor schedule step), counted
     in update/skipped_steps. Without the skip the steps are taken, and in agpo_adaptive.py (k1 KL) and a_grpo.py
     (entropy bonus) they carry a gradient, which Adam turns into a full-size step. One non-zero advantage: taken."""
-    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1,
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8,
                      skip_no_signal=skip)
     noise = torch.full((4,), 1e-13)  # the float noise equal rewards can leave after the group mean: no signal
     for advantages, signal in ((torch.zeros(4), False), (noise, False), (torch.tensor([0.0, 0.0, 0.0, 0.5]), True)):
         engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
         rollout = rollout_of(algo, [3, 5, 2, 4])
         rollout.advantages = advantages
-        plan = algo.update_plan(4, args, torch.Generator().manual_seed(0))  # 2 optimizer steps of 2 micro-batches
+        plan = plan_of(algo, rollout, args, 0)  # 2 optimizer steps of 2 micro-batches
         algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
         metrics = algo.Metrics()
         update_policy(algo, engine, rollout, plan, args, metrics)
@@ -570,11 +512,11 @@ def test_a_step_with_a_signal_is_the_same_with_or_without_the_skip(algo, tiny_mo
     equality of grpo.py's loss and gradient with TRL's on such batches still holds)."""
     norms = []
     for skip in (True, False):
-        args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8, world_size=1,
+        args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.04, max_completion_length=8,
                          skip_no_signal=skip)
         engine = PlainEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
         rollout = rollout_of(algo, [3, 5, 2, 4])
-        plan = algo.update_plan(4, args, torch.Generator().manual_seed(0))
+        plan = plan_of(algo, rollout, args, 0)
         algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
         update_policy(algo, engine, rollout, plan, args, algo.Metrics())
         norms.append(engine.grad_norms)
