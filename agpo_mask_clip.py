@@ -209,22 +209,23 @@ def agpo_length_bonus(correct: torch.Tensor, lengths: list, num_generations: int
     """docs/algorithms.md (2.2): in a mixed group each correct completion gets
     coef·(1 − (L − Lmin)/(Lmax − Lmin + 1e-6)), Lmin/Lmax over that group's correct completions; [n]."""
     ok = correct.view(-1, num_generations)  # [prompts, G]
-    L = torch.tensor(lengths, dtype=torch.float64).view_as(ok)
-    lo, hi = torch.where(ok, L, math.inf).amin(1, keepdim=True), torch.where(ok, L, -math.inf).amax(1, keepdim=True)
+    L = torch.tensor(lengths, dtype=torch.float64).view_as(ok)  # [prompts, G]
+    lo = torch.where(ok, L, math.inf).amin(1, keepdim=True)  # [prompts, 1]: shortest correct
+    hi = torch.where(ok, L, -math.inf).amax(1, keepdim=True)  # [prompts, 1]: longest correct
     mixed = (ok.any(1) & ~ok.all(1)).unsqueeze(1)  # [prompts, 1]
-    return torch.where(ok & mixed, coef * (1 - (L - lo) / (hi - lo + 1e-6)), 0.0).view(-1)
+    return torch.where(ok & mixed, coef * (1 - (L - lo) / (hi - lo + 1e-6)), 0.0).view(-1)  # [n]
 
 
 def agpo_advantages(rewards: torch.Tensor, correct: torch.Tensor, num_generations: int,
                     zero_variance: str = "mask", scale: str = "group"):
     """docs/algorithms.md (2.3), (2.4), (2.7): group advantages and the loss mask `keep` (mixed, scorable groups),
     both [n]; with zero_variance="sign" all-correct groups get A = +1 and all-wrong groups A = −1 and stay."""
-    adv = group_advantages(rewards, num_generations, scale)
+    adv = group_advantages(rewards, num_generations, scale)  # [n]
     n_correct = correct.view(-1, num_generations).sum(1)  # [prompts]
-    mixed = ((n_correct > 0) & (n_correct < num_generations)).repeat_interleave(num_generations)
-    scorable = ~torch.isnan(rewards)
+    mixed = ((n_correct > 0) & (n_correct < num_generations)).repeat_interleave(num_generations)  # [n]
+    scorable = ~torch.isnan(rewards)  # [n]
     if zero_variance == "sign":
-        sign = torch.where(n_correct == num_generations, 1.0, -1.0).repeat_interleave(num_generations)
+        sign = torch.where(n_correct == num_generations, 1.0, -1.0).repeat_interleave(num_generations)  # [n]
         return torch.where(mixed, adv, sign.to(adv.dtype)) * scorable, scorable
     return adv, mixed & scorable
 
@@ -1198,7 +1199,7 @@ def main() -> None:
             groups += [dict(example=e, generated=generated[j * G : (j + 1) * G], values=values[:, j * G : (j + 1) * G],
                             completions=completions[j * G : (j + 1) * G]) for j, e in enumerate(batch_examples)]
             kept = pool + [g for g in groups if 0 < (g["values"][0] > 0).sum() < G]
-            short = torch.tensor(float(len(kept) < local_prompts), device=device)
+            short = torch.tensor(float(len(kept) < local_prompts), device=device)  # []: 1 if this rank is short
             dist.all_reduce(short)  # every rank generates as many rounds, so the collectives stay in step
             if not args.refill or short.item() == 0 or extra_rounds == args.max_refill_rounds:
                 break
@@ -1226,7 +1227,7 @@ def main() -> None:
         advantages, keep = agpo_advantages(total, correct, G, args.zero_variance, args.scale_rewards)  # [n] each
         loss_mask = completion_mask(lengths) * keep.unsqueeze(1)  # [n, T]: (2.4) masked groups leave the loss
         log_rollout(add, values, total, args.reward_funcs, G, lengths, [t for _, t in generated])
-        lengths_t = torch.tensor(lengths, dtype=torch.float64)
+        lengths_t = torch.tensor(lengths, dtype=torch.float64)  # [n]
         add("completions/correct_mean_length", lengths_t[correct].sum(), correct.sum())
         add("completions/wrong_mean_length", lengths_t[~correct].sum(), (~correct).sum())
         add("agpo/masked_group_frac", (~keep.view(-1, G).any(1)).sum(), len(lengths) // G)

@@ -247,12 +247,12 @@ def check(args: Args, name: str, script: str, launcher: str, model: str, path: s
 
 def plain_update(model: str, real_tokens: int, completion_length: int, micro_batches: int, checkpointing: bool) -> dict:
     """The yardstick: a plain transformers model in bf16, forward + causal-LM loss + backward over `micro_batches`
-    packed micro-batches holding `real_tokens` random tokens in sequences shaped like a step's, then one AdamW
+    padding-free micro-batches holding `real_tokens` random tokens in sequences shaped like a step's, then one AdamW
     step; median of 3 after a warm-up, in a subprocess of its own."""
     code = f"""
 import json, sys, time, torch
-sys.path.insert(0, {ROOT!r})
-import grpo
+sys.path.insert(0, {os.path.join(ROOT, "bench")!r})
+from common import padding_free_rows
 from transformers import AutoModelForCausalLM
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 m = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.bfloat16).to(dev)
@@ -268,13 +268,13 @@ while total < {real_tokens}:
     c = torch.randint(3, hi, ({completion_length},), generator=g).tolist()
     prompts.append(p); comps.append(c); total += len(p) + len(c)
 k = -(-len(prompts) // {micro_batches})
-batches = [grpo.collate(prompts[s:s + k], comps[s:s + k], 0, dev) for s in range(0, len(prompts), k)]  # padded
+batches = [{{n: torch.tensor(v, device=dev) for n, v in padding_free_rows(prompts[s:s + k], comps[s:s + k]).items()}}
+           for s in range(0, len(prompts), k)]  # padding-free rows
 times = []
 for _ in range(4):
     torch.cuda.synchronize() if dev == "cuda" else None; t = time.perf_counter()
     for b in batches:
-        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                labels=b["input_ids"])
+        out = m(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["input_ids"])
         out.loss.backward()
     opt.step(); opt.zero_grad()
     torch.cuda.synchronize() if dev == "cuda" else None; times.append(time.perf_counter() - t)

@@ -83,7 +83,7 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
     ds, q, a = grpo.load_rows(gargs)
     examples, _, _ = grpo.prepare_prompts(ds, q, a, tok, gargs)
     stop = grpo.stop_token_ids(args.model, tok)
-    llm, _ = grpo.setup_vllm(gargs, 0, torch.float32, torch.cuda.is_available())  # the trainer's engine settings
+    llm = grpo.setup_vllm(gargs, 0, torch.float32, torch.cuda.is_available())  # the trainer's engine settings
     gen_t, gen_tok, fwd_t, upd_t, tokens = [], [], [], [], []
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)

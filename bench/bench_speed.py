@@ -56,12 +56,12 @@ def run_grpo(args: Args) -> dict:
 
 def plain_fwd_bwd(args: Args, real_tokens: int) -> dict:
     """The yardstick of the update: a plain transformers model (no DeepSpeed, no log-prob code of ours) doing
-    forward + causal-LM loss + backward + AdamW on `real_tokens` random tokens in padded rows of sequences shaped
+    forward + causal-LM loss + backward + AdamW on `real_tokens` random tokens in padding-free rows of sequences shaped
     like a step's (prompts of 80-160 tokens, completions up to the limit), in a subprocess with the same threads."""
     code = f"""
 import json, sys, time, torch
-sys.path.insert(0, {ROOT!r})
-import grpo
+sys.path.insert(0, {os.path.join(ROOT, "bench")!r})
+from common import padding_free_rows
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({args.model!r}, dtype=torch.float32)
 opt = torch.optim.AdamW(m.parameters(), lr=1e-7)
@@ -72,12 +72,11 @@ while total < {real_tokens}:  # sequences until the step's real tokens are reach
     c = torch.randint(100, 40000, (int(torch.randint(30, {args.max_completion_length} + 1, (1,), generator=g)),),
                       generator=g).tolist()
     prompts.append(p); comps.append(c); total += len(p) + len(c)
-batch = grpo.collate(prompts, comps, 0, "cpu")  # padded rows
+batch = {{k: torch.tensor(v) for k, v in padding_free_rows(prompts, comps).items()}}  # padding-free rows
 times = []
 for _ in range(4):
     t = time.perf_counter()
-    out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-            labels=batch["input_ids"])
+    out = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["input_ids"])
     out.loss.backward()
     opt.step(); opt.zero_grad()
     times.append(time.perf_counter() - t)

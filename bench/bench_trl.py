@@ -136,15 +136,6 @@ def load_gsm8k(path: str, prompt_suffix: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _repack_tied_lm_head(worker) -> None:
-    """Copied from grpo.py: vLLM's CPU backend multiplies by a packed copy of lm_head made at load time. A tied
-    lm_head receives no weights of its own in `reload_weights`, so its packed copy would keep the first weights;
-    rebuild it from the synced embedding (SmolLM2 ties them)."""
-    head = getattr(worker.model_runner.model, "lm_head", None)
-    if head is not None and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
-        head.quant_method.process_weights_after_loading(head)
-
-
 def patch_trl_weight_sync() -> None:
     """Replace `trl.generation.vllm_generation.VLLMGeneration.sync_weights` for vllm_mode="colocate".
 
@@ -160,6 +151,7 @@ def patch_trl_weight_sync() -> None:
     `_iter_named_params()` (the trainer's parameters under vLLM's names, gathered one at a time if sharded),
     then rebuild the tied lm_head's packed copy as grpo.py does, then reset the prefix cache as TRL does.
     Server mode is left to TRL's original method."""
+    from grpo import repack_tied_lm_head  # vLLM's CPU build: a tied lm_head's packed copy is rebuilt after the sync
     from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
     original = VLLMGeneration.sync_weights
@@ -173,7 +165,7 @@ def patch_trl_weight_sync() -> None:
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params()})
-        self.llm.collective_rpc(_repack_tied_lm_head)
+        self.llm.collective_rpc(repack_tied_lm_head)
         self.llm.reset_prefix_cache()
 
     VLLMGeneration.sync_weights = sync_weights

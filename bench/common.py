@@ -94,3 +94,23 @@ def read_metrics(run_dir: str) -> list:
     """The rows of a run's metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def padding_free_rows(prompt_ids: list, completion_ids: list, pad_id: int = 0) -> dict:
+    """The plain baselines' micro-batch (what grpo.pack made before prompts were always shared): each sequence
+    (prompt + completion) in the first row with room, rows no wider than the longest sequence, position ids restarting
+    at each sequence (with no attention mask, transformers builds a block-causal mask from them). input_ids and
+    position_ids [R, L], as lists; the model's `labels=input_ids` gives the causal-LM loss."""
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(s) for s in seqs)
+    rows, positions = [], []
+    for s in seqs:
+        r = next((k for k, row in enumerate(rows) if len(row) + len(s) <= width), len(rows))
+        if r == len(rows):
+            rows.append([])
+            positions.append([])
+        rows[r] += s
+        positions[r] += list(range(len(s)))
+    L = max(len(row) for row in rows)
+    return {"input_ids": [row + [pad_id] * (L - len(row)) for row in rows],
+            "position_ids": [pos + [0] * (L - len(pos)) for pos in positions]}

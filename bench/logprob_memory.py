@@ -26,14 +26,14 @@ class Args:
     model: str
     """local model directory"""
     chunk_size: int = 256
-    """grpo.py's --logprob-chunk-size (0: all positions at once)"""
+    """positions per fp32 log-softmax chunk, set as grpo.LOGPROB_CHUNK (grpo.py's is 256; 0: all positions at once)"""
     micro_batch_size: int = 4
     """sequences in the micro-batch"""
     completion_length: int = 1024
     """tokens per completion (random token ids; the prompt is 64 tokens)"""
     stage: str = "micro-batch"
     """micro-batch: the model's forward and backward included; log-softmax: from the model's logits on (computed
-    first, outside the measurement), which isolates what --logprob-chunk-size changes"""
+    first, outside the measurement), which isolates what the chunk size changes"""
 
 
 def resident_mib() -> float:

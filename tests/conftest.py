@@ -20,17 +20,19 @@ ALGORITHMS = [m for m in ("grpo", "agpo_mask_clip", "agpo_adaptive", "a_grpo") i
 
 def make_args(algo, **overrides):
     """A script's Args with its derived fields set as main() sets them; overrides of fields the script does
-    not have (e.g. beta, epsilon in a script whose objective has no such flag) are left out."""
+    not have (e.g. beta, epsilon in a script whose objective has no such flag; world_size, which is no field: the
+    world is dist.get_world_size()) are left out."""
     args = algo.Args(**{k: v for k, v in overrides.items() if k in algo.Args.__dataclass_fields__})
     if hasattr(args, "epsilon_high") and args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     return args
 
 
-def make_rollout(algo, prompt_ids, completion_ids, advantages, loss_mask, pad_id=0):
-    """A script's Rollout; in a script with a clip range per prompt, every prompt gets 0.2."""
+def make_rollout(algo, prompt_ids, completion_ids, advantages, loss_mask, pad_id=0, packed=False):
+    """A script's Rollout, padded rows unless `packed` (pack's rows need the model's attention set to
+    SHARED_PROMPT_ATTENTION); in a script with a clip range per prompt, every prompt gets 0.2."""
     rollout = algo.Rollout(prompt_ids=prompt_ids, completion_ids=completion_ids, advantages=advantages,
-                           loss_mask=loss_mask, pad_id=pad_id)
+                           loss_mask=loss_mask, pad_id=pad_id, packed=packed)
     if hasattr(rollout, "epsilon"):
         rollout.epsilon = torch.full((len(completion_ids),), 0.2)
     return rollout

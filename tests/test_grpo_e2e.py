@@ -37,7 +37,8 @@ METRICS = [
     "time/weight_sync",
     "time/step",
 ]
-SYNC_TOL = 1e-3  # fp32 on CPU: vLLM's and the trainer's log-probs agree to ~1e-5 when the weights are the same
+SYNC_TOL = 1e-4  # fp32 on CPU: vLLM's and the trainer's log-probs agree to ~5e-7 when the weights are the same
+MOVED = 0.1  # a log-prob change that training, not float noise, made
 
 needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
 
@@ -216,15 +217,16 @@ def test_deepspeed_two_ranks_zero3_vllm(two_rank_run, tiny_model):
     ckpt = os.path.join(two_rank_run, os.listdir(two_rank_run)[0], "checkpoint-2")
     before = logprobs_of(tiny_model, [5, 6, 7], [8, 9, 10, 11])
     after = logprobs_of(ckpt, [5, 6, 7], [8, 9, 10, 11])
-    assert (after - before).abs().max() > 100 * SYNC_TOL
+    assert (after - before).abs().max() > MOVED
 
 
 @needs_vllm
-@pytest.mark.parametrize("ranks, model", [(1, "tiny_model"), (1, "tiny_untied_model"), (2, "tiny_model")])
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_untied_model"])
 def test_weight_sync_reaches_vllm(ranks, model, request, tmp_path):
     """docs/algorithms.md (6.10), tests/sync_check.py: after an optimizer step vLLM's log-probs differ from the
-    trainer's until sync_weights_to_vllm, and equal them after it, with a tied lm_head (repacked on CPU), an untied
-    one, and ZeRO-3 shards gathered bucket by bucket on 2 ranks."""
+    trainer's until sync_weights_to_vllm, and equal them after it, on every rank: with a tied lm_head (repacked on
+    CPU) and an untied one, in one process and with ZeRO-3 shards gathered bucket by bucket on 2 ranks."""
     out = str(tmp_path / "sync.json")
     launcher = deepspeed_launcher(2) if ranks == 2 else None
     run_script([os.path.join(ROOT, "tests", "sync_check.py"), "grpo", request.getfixturevalue(model), out],
@@ -232,7 +234,8 @@ def test_weight_sync_reaches_vllm(ranks, model, request, tmp_path):
     with open(out) as f:
         result = json.load(f)
     assert len(result) == ranks
-    assert all(r["before_sync"] > 1e-2 and r["after_sync"] < SYNC_TOL for r in result), result
+    assert all(r["before_sync"] > 1e-2 for r in result), result  # the step moved vLLM's log-probs away
+    assert all(r["after_sync"] < SYNC_TOL for r in result), result
 
 
 def test_generation_stops_at_the_token_budget(tiny_model, add_data, tmp_path):
@@ -247,7 +250,13 @@ def test_generation_stops_at_the_token_budget(tiny_model, add_data, tmp_path):
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1] and metrics[0]["tokens/generated_total"] >= 60
     assert "--max-generated-tokens 60 reached after 1 steps" in proc.stdout + proc.stderr
-    assert os.path.isdir(os.path.join(out, os.listdir(out)[0], "checkpoint-1"))
+    run_dir = os.path.join(out, os.listdir(out)[0])
+    assert os.path.isdir(os.path.join(run_dir, "checkpoint-1"))
+    with open(os.path.join(run_dir, "args.json")) as f:
+        recorded = json.load(f)
+    # --gradient-checkpointing auto is recorded as what it resolved to: on with CUDA, else off
+    assert recorded["gradient_checkpointing"] == ("on" if torch.cuda.is_available() else "off")
+    assert recorded["use_vllm"] is False
 
 
 # --- bad input: a clear message naming the fix, before any model is loaded --------------------
