@@ -34,8 +34,7 @@ import tyro
 from deepspeed.accelerator import get_accelerator
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
@@ -143,8 +142,6 @@ class Args:
     """DeepSpeed ZeRO stage of the policy (the reference is ZeRO-3 when this is 3)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute activations in the backward (less memory, ~30% more time); auto: on with CUDA"""
-    use_vllm: bool = True
-    """generate with a vLLM engine colocated in each rank (else transformers generate)"""
     vllm_gpu_memory_utilization: float = 0.3
     """fraction of GPU memory the colocated vLLM engine may take (weights + KV cache)"""
 
@@ -154,9 +151,7 @@ SYNC_BUCKET_BYTES = 2**30  # weights handed to vLLM per gathered bucket (6.10)
 MIN_LR_RATIO = 0.1  # where the cosine and linear schedules end, as a fraction of the peak learning rate (2.5)
 
 
-# ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: the maths (pure functions, imported by the tests)
-# ---------------------------------------------------------------------------------------------
+# ---- ALGO LOGIC: the maths (pure functions, imported by the tests) ---------------------------------------------------
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group") -> torch.Tensor:
@@ -296,9 +291,7 @@ def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bo
     return tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x[0]) for x in flat)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
+# ---- Data ------------------------------------------------------------------------------------------------------------
 
 # rewards.extract_gold reads the gold out of GSM8K's "#### 72" and MATH's "\boxed{...}" alike
 DATASET_PRESETS = {
@@ -395,9 +388,7 @@ def score(reward_funcs: list, names: list, examples: list, completions: list, co
     return torch.stack(rows)
 
 
-# ---------------------------------------------------------------------------------------------
-# Micro-batches: padded rows, or packed rows that compute each prompt once (docs/algorithms.md (6.7))
-# ---------------------------------------------------------------------------------------------
+# ---- Micro-batches: padded rows, or packed rows that compute each prompt once (docs/algorithms.md (6.7)) -------------
 
 
 def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict:
@@ -574,9 +565,7 @@ def balanced_split(ix: list, sizes: list, parts: int, prompts: list) -> list:
     return [sorted(g) for g in groups]
 
 
-# ---------------------------------------------------------------------------------------------
-# Generation and weight sync
-# ---------------------------------------------------------------------------------------------
+# ---- Generation and weight sync --------------------------------------------------------------------------------------
 
 
 def request_seed(seed: int, round_id: int, rank: int, i: int) -> int:
@@ -584,19 +573,14 @@ def request_seed(seed: int, round_id: int, rank: int, i: int) -> int:
     return (seed * 1_000_003 + round_id * 10_007 + rank * 101 + i) % (2**31)
 
 
-def sample_and_score(llm, engine, tokenizer, reward_funcs: list, examples: list, temperatures: list, round_id: int,
+def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, temperatures: list, round_id: int,
                      args: Args, stop_ids: list):
     """G completions per example, each example at its own temperature: (token ids, hit the length limit) pairs,
     their text, the rewards [F, n] (NaN: cannot score) and the seconds spent generating."""
     t0 = time.perf_counter()
     prompt_ids = [e["prompt_ids"] for e in examples]
     seeds = [request_seed(args.seed, round_id, dist.get_rank(), i) for i in range(len(prompt_ids))]
-    if llm is not None:
-        generated = vllm_generate(llm, prompt_ids, temperatures, seeds, args, stop_ids)
-    else:
-        synced = args.zero_stage == 3 and dist.get_world_size() > 1  # every rank runs the ZeRO-3 forward together
-        generated = hf_generate(engine.module, prompt_ids, temperatures, seeds[0], args, stop_ids,
-                                tokenizer.pad_token_id, synced)
+    generated = vllm_generate(llm, prompt_ids, temperatures, seeds, args, stop_ids)
     seconds = time.perf_counter() - t0
     completion_ids = [c for c, _ in generated]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -613,42 +597,6 @@ def vllm_generate(llm, prompt_ids: list, temperatures: list, seeds: list, args: 
               for t, s in zip(temperatures, seeds)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
     return [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
-
-
-class RowTemperatureTopP(LogitsProcessor):
-    """Per-row temperature, then top-p: vLLM's order of the two, with one temperature per prompt."""
-
-    def __init__(self, temperatures: torch.Tensor, top_p: float):
-        self.temperatures = temperatures.unsqueeze(-1)  # [rows, 1]
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None
-
-    def __call__(self, input_ids, scores):
-        scores = scores / self.temperatures
-        return self.top_p(input_ids, scores) if self.top_p is not None else scores
-
-
-@torch.no_grad()
-def hf_generate(model, prompt_ids: list, temperatures: list, seed: int, args: Args, stop_ids: list, pad_id: int,
-                synced: bool) -> list:
-    """transformers generate with vLLM's sampling (per-prompt temperature, top-p, no top-k, the same stops)."""
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    p_len = max(len(p) for p in prompt_ids)
-    ids = torch.tensor([[pad_id] * (p_len - len(p)) + p for p in prompt_ids], device=device)  # [P, p_len]
-    attn = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-    row_temperatures = torch.tensor(temperatures, device=device).repeat_interleave(args.num_generations)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, use_cache=True,
-                              max_new_tokens=args.max_completion_length, num_return_sequences=args.num_generations,
-                              eos_token_id=stop_ids, pad_token_id=pad_id)
-    model.eval()
-    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config, synced_gpus=synced,
-                         logits_processor=[RowTemperatureTopP(row_temperatures, args.top_p)])
-    model.train()
-    result = []
-    for row in out[:, p_len:].tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in stop_ids), None)
-        result.append((row[:cut] if cut else row, cut is None))
-    return result
 
 
 def sync_weights_to_vllm(model: torch.nn.Module, llm) -> None:
@@ -711,9 +659,7 @@ def stop_token_ids(model: str, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-# ---------------------------------------------------------------------------------------------
-# The update
-# ---------------------------------------------------------------------------------------------
+# ---- The update ------------------------------------------------------------------------------------------------------
 
 
 class Metrics:
@@ -821,9 +767,7 @@ def log_rollout(add, values, total: torch.Tensor, names: list, G: int, lengths: 
     add("completions/clipped_ratio", sum(truncated), len(truncated))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
+# ---- Checkpoints -----------------------------------------------------------------------------------------------------
 
 
 def latest_checkpoint(path: str) -> str:
@@ -839,20 +783,13 @@ def latest_checkpoint(path: str) -> str:
 
 
 def keep_metrics_until(path: str, step: int) -> None:
-    """On --resume: drop the metrics.jsonl rows past the checkpoint's step (written before a kill)."""
-    if not os.path.isfile(path):
-        return
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    rows.append(line.rstrip("\n") + "\n")
-            except (ValueError, KeyError):  # a line cut short by the kill
-                pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
+    """On --resume: drop the metrics.jsonl rows past the checkpoint's step, and a last line cut short by a kill."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int, rank_state: dict) -> str:
@@ -895,9 +832,7 @@ def load_checkpoint(engine, resume_dir: str, rank: int) -> dict:
     return rank_state
 
 
-# ---------------------------------------------------------------------------------------------
-# Set-up
-# ---------------------------------------------------------------------------------------------
+# ---- Set-up ----------------------------------------------------------------------------------------------------------
 
 
 def validate(args: Args, world: int) -> None:
@@ -1060,12 +995,10 @@ def setup(args: Args, on_gpu: bool, log):
         raise SystemExit(f"--dataset {args.dataset}: only {len(examples)} usable prompts ({n_missing} without question "
                          f"or gold, {n_long} longer than --max-prompt-length {args.max_prompt_length}), fewer than "
                          "--prompts-per-step")
-    if args.use_vllm:
-        try:
-            from vllm import LLM  # noqa: F401
-        except Exception as e:  # not installed, or a broken install
-            args.use_vllm = False
-            log(f"vLLM is not importable ({type(e).__name__}: {e}): generating with transformers instead")
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # not installed, or a broken install
+        raise SystemExit(f"vLLM is not importable ({type(e).__name__}: {e}): install it (README, setup)") from None
     if args.gradient_checkpointing == "auto":
         args.gradient_checkpointing = "on" if on_gpu else "off"
     unshared = prompt_sharing_unsupported(AutoConfig.from_pretrained(args.model))
@@ -1082,13 +1015,12 @@ def setup(args: Args, on_gpu: bool, log):
     total_updates = args.total_steps * args.num_iterations * args.num_mini_batches
     engine, ref_engine = setup_models(args, deepspeed_config(args, on_gpu, grad_accum), dtype, total_updates,
                                       packed=not unshared)
-    llm = setup_vllm(args, rank, dtype, on_gpu) if args.use_vllm else None  # it reseeds the RNGs: before --resume
+    llm = setup_vllm(args, rank, dtype, on_gpu)  # it reseeds the RNGs: before --resume
     rank_state = {}
     if resume_dir:
         rank_state = load_checkpoint(engine, resume_dir, rank)
         log(f"resumed from {resume_dir} at step {state['step']}")
-        if llm is not None:  # vLLM loaded the initial weights from disk
-            sync_weights_to_vllm(engine.module, llm)
+        sync_weights_to_vllm(engine.module, llm)  # vLLM loaded the initial weights from disk
     return tokenizer, examples, engine, ref_engine, llm, state, rank_state, run_dir, wandb_run
 
 
@@ -1111,18 +1043,7 @@ def init_distributed():
     return device, on_gpu, log
 
 
-def peak_gpu_memory_gib(on_gpu: bool) -> float:
-    """The GPU memory peak since the previous call, in GiB (0 on CPU): called between phases, each phase's peak."""
-    if not on_gpu:
-        return 0.0
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    return peak
-
-
-# ---------------------------------------------------------------------------------------------
-# CPU-only workarounds (vLLM's and DeepSpeed's CPU builds; none of this runs on GPU)
-# ---------------------------------------------------------------------------------------------
+# ---- CPU-only workarounds (vLLM's and DeepSpeed's CPU builds; none of this runs on GPU) ------------------------------
 
 
 def cpu_workarounds(log) -> None:
@@ -1156,9 +1077,7 @@ def repack_tied_lm_head(worker) -> None:
         head.quant_method.process_weights_after_loading(head)
 
 
-# ---------------------------------------------------------------------------------------------
-# Main: the training loop
-# ---------------------------------------------------------------------------------------------
+# ---- Main: the training loop -----------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -1180,7 +1099,6 @@ def main() -> None:
         t_step = time.perf_counter()
         step_metrics = Metrics()
         add = step_metrics.add
-        peak_gpu_memory_gib(on_gpu)  # each phase's peak GPU memory is counted from here
 
         # 1. generation and rewards (docs/algorithms.md §5): this rank's prompts, G completions each. With --refill
         # ([ours], (2.6)) rounds go on until every rank holds local_prompts kept groups (at most --max-refill-rounds
@@ -1192,7 +1110,7 @@ def main() -> None:
             state["data_pos"] += args.prompts_per_step
             batch_examples = [examples[i] for i in idx]
             generated, completions, values, seconds = sample_and_score(  # values: [F, n]
-                llm, engine, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts, round_id,
+                llm, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts, round_id,
                 args, stop_ids)
             time_generate += seconds
             step_metrics.add_total("tokens/generated_step", sum(len(c) for c, _ in generated))
@@ -1211,9 +1129,8 @@ def main() -> None:
             generated = [o for g in groups for o in g["generated"]]
             completions = [c for g in groups for c in g["completions"]]
             values = torch.cat([g["values"] for g in groups], dim=1)  # [F, n]
-        if llm is not None and on_gpu:
+        if on_gpu:
             llm.sleep(level=2)  # frees vLLM's memory for the update; the weights are re-sent after it
-        memory = {"generate": peak_gpu_memory_gib(on_gpu)}  # GiB: the peak of each phase
         prompt_ids = [e["prompt_ids"] for e in batch_examples]
         completion_ids = [c for c, _ in generated]
         lengths = [len(c) for c in completion_ids]
@@ -1246,26 +1163,22 @@ def main() -> None:
         plan = update_plan(len(completion_ids), args, shuffle_generator, sizes, rollout.prompt_ids)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)
         time_logprobs = time.perf_counter() - t0
-        memory["logprobs"] = peak_gpu_memory_gib(on_gpu)
 
         # 3. update: μ passes, each split into mini-batches; one optimizer step per mini-batch
         t0 = time.perf_counter()
         update_policy(engine, rollout, plan, args, step_metrics, device)
         time_update = time.perf_counter() - t0
-        memory["update"] = peak_gpu_memory_gib(on_gpu)
 
         # 4. weight sync: the new policy reaches vLLM before the next generation
         t0 = time.perf_counter()
-        if llm is not None and on_gpu:
+        if on_gpu:
             gc.collect()  # the update's cached blocks go back to the GPU, or waking can run out of memory
             torch.cuda.empty_cache()
             llm.wake_up(tags=["weights"])
-        if llm is not None:
-            sync_weights_to_vllm(engine.module, llm)
-        if llm is not None and on_gpu:
+        sync_weights_to_vllm(engine.module, llm)
+        if on_gpu:
             llm.wake_up(tags=["kv_cache"])
         time_weight_sync = time.perf_counter() - t0
-        memory["weight_sync"] = peak_gpu_memory_gib(on_gpu)
 
         # 5. logging
         for name, value in (("time/generate", time_generate), ("time/logprobs", time_logprobs),
@@ -1273,10 +1186,11 @@ def main() -> None:
                             ("time/step", time.perf_counter() - t_step)):
             add(name, value, 1.0)  # mean over ranks
         metrics = step_metrics.reduce(device)
-        if on_gpu:  # the largest rank's peak of each phase: the rank that runs out of memory first
-            peaks = torch.tensor(list(memory.values()), device=device)
-            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-            metrics.update({f"memory/{k}_peak_gib": v for k, v in zip(memory, peaks.tolist())})
+        if on_gpu:  # the largest rank's peak: the rank that runs out of memory first
+            peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            metrics["memory/peak_gib"] = peak.item()
+            torch.cuda.reset_peak_memory_stats()
         step_tokens = metrics.pop("tokens/generated_step")
         state["tokens_generated"] += int(round(step_tokens))
         metrics.update(step=step + 1, lr=engine.get_lr()[0], **{"tokens/generated_total": state["tokens_generated"]})

@@ -6,7 +6,7 @@ architecture); then the update's throughput on the 0.5B-shaped model. Writes OUT
         --out bench/results/gpu
 
 Each run is checked for: exit status 0; a finite policy loss and reward at every step; weights of the final
-checkpoint that differ from the initial ones; each phase's peak GPU memory (the scripts' memory/* metrics). Runs
+checkpoint that differ from the initial ones; the peak GPU memory (the scripts' memory/peak_gib). Runs
 named in --resume-check also restart from their step-1 checkpoint with --resume, and the resumed step 2 is compared
 with the uninterrupted one. The throughput is the update's real (non-padding) tokens per second, from the scripts'
 own `time/update` and `update/real_tokens`, beside a plain transformers forward + backward + AdamW of the same real
@@ -15,7 +15,7 @@ model (the scripts' update_policy under each DeepSpeed setting against a plain m
 
 --smollm2 may hold only config.json and the tokenizer: the weights are then random (the checks exercise the
 architecture, not what the weights know). The 0.5B-shaped model is always random, with SmolLM2's tokenizer.
-Generation uses transformers (--no-use-vllm) unless vLLM is importable. The runs share the GPU a few at a time
+Without vLLM, generation goes through tests/fake_vllm (vLLM's calls served by transformers generate). The runs share the GPU a few at a time
 (--parallel); the throughput runs go alone, one after the other.
 
 On a GPU machine without network that has torch and transformers but not the rest, the measured run brought
@@ -157,7 +157,8 @@ def command(script: str, launcher: str, port: int, argv: list) -> list:
 
 def run(cmd: list, out: str, timeout: int, threads: int = 0) -> dict:
     os.makedirs(out, exist_ok=True)
-    env = with_pythonpath(os.path.join(ROOT, "tests"))
+    fake = [] if vllm_ok() else [os.path.join(ROOT, "tests", "fake_vllm")]  # vLLM's calls served by transformers
+    env = with_pythonpath(*fake, os.path.join(ROOT, "tests"))
     if threads:  # runs that share the machine: no CPU oversubscription
         env["OMP_NUM_THREADS"] = str(threads)
     t = time.perf_counter()
@@ -199,8 +200,6 @@ def check(args: Args, name: str, script: str, launcher: str, model: str, path: s
                  prompts_per_step=4, num_generations=4, max_completion_length=32, micro_batch_size=8,
                  learning_rate=args.learning_rate, reward_funcs=REWARD.get(script, "toy_rewards:letter_a"),
                  zero_stage=3, skip_no_signal=False)
-    if not vllm_ok():
-        argv.append("--no-use-vllm")
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
     r = run(command(script, launcher, port, argv + ["--output-dir", out]), out, args.timeout, threads)
     rows = r.pop("rows")
@@ -299,8 +298,6 @@ def throughput(args: Args, path: str, variant: str, port: int) -> dict:
                  micro_batch_size=args.throughput_micro_batch, learning_rate="1e-6", reward_funcs="toy_rewards:letter_a")
     if "_zero" in variant:
         argv += ["--zero-stage", variant.split("_zero")[1]]
-    if not vllm_ok():
-        argv.append("--no-use-vllm")
     r = run(command("grpo.py", "deepspeed", port, argv), out, args.timeout)
     rows = r.pop("rows")[1:]  # step 1: warm-up
     shutil.rmtree(out, ignore_errors=True)

@@ -45,7 +45,7 @@ class BenchArgs(RunShape):
     """another algorithm script (e.g. agpo_adaptive.py): time its steps with the same batch shape, μ = 1 and β as
     grpo.py's, and write both (only this comparison is measured)"""
     hf_steps: int = 1
-    """grpo.py steps with transformers generate (the first is left out when there are more than one)"""
+    """grpo.py steps with transformers generate through tests/fake_vllm (the first is left out if more than one)"""
     memory_completion_length: int = 1024
     """completion length of the log-prob memory measurement (4 sequences; random tokens)"""
 
@@ -56,10 +56,11 @@ def run_grpo(args: BenchArgs, out_dir: str, use_vllm: bool, steps: int, script: 
         cmd = script_command(script, args.model, args.dataset, out_dir, total_steps=steps, save_steps=0,
                              prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
                              max_completion_length=args.max_completion_length,
-                             micro_batch_size=args.micro_batch_size, beta=args.beta, use_vllm=use_vllm,
+                             micro_batch_size=args.micro_batch_size, beta=args.beta,
                              skip_no_signal=False)  # every step's update is timed, with or without a reward signal
         log = f"{args.out}.{script[:-3]}.{'vllm' if use_vllm else 'transformers'}.log"
-        run_logged(cmd + list(extra), log, script)
+        fake = [] if use_vllm else [os.path.join(ROOT, "tests", "fake_vllm")]  # generate served by transformers
+        run_logged(cmd + list(extra), log, script, env=with_pythonpath(*fake))
     return read_metrics(run_dir_of(out_dir))
 
 

@@ -54,8 +54,8 @@ def with_pythonpath(*dirs: str, env: dict | None = None) -> dict:
 
 
 def flags(**values) -> list:
-    """Command-line flags of a training script: flags(total_steps=3, use_vllm=False) gives
-    ["--total-steps", "3", "--no-use-vllm"]; a list gives its values after the flag."""
+    """Command-line flags of a training script: flags(total_steps=3, track=False) gives
+    ["--total-steps", "3", "--no-track"]; a list gives its values after the flag."""
     out = []
     for key, value in values.items():
         name = "--" + key.replace("_", "-")

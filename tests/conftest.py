@@ -10,6 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
+FAKE_VLLM = os.path.join(TESTS, "fake_vllm")  # vLLM's calls served by transformers: PYTHONPATH=FAKE_VLLM
 sys.path[:0] = [ROOT, TESTS]
 
 from tiny import build_tiny_model, write_jsonl  # noqa: E402

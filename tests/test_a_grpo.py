@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import (ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script, run_two_ranks,
-                      script_args, tiny_args, vllm_importable)
+from conftest import (FAKE_VLLM, ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script,
+                      run_two_ranks, script_args, tiny_args, vllm_importable)
 from transformers import AutoModelForCausalLM
 
 import a_grpo
@@ -139,8 +139,8 @@ def check_run(out: str, steps: int) -> list:
 
 def test_one_process_transformers(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
-    run_script([*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *TINY],
-               cwd=str(tmp_path))
+    run_script([*script_args(SCRIPT, tiny_model, add_data, out), *TINY],
+               cwd=str(tmp_path), pythonpath=(FAKE_VLLM,))
     check_run(out, 2)
 
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import (ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script, run_two_ranks,
-                      script_args, tiny_args, vllm_importable)
+from conftest import (FAKE_VLLM, ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script,
+                      run_two_ranks, script_args, tiny_args, vllm_importable)
 from transformers import AutoModelForCausalLM
 
 import agpo_adaptive as agpo
@@ -265,21 +265,6 @@ def test_each_training_request_reaches_vllm_with_its_own_temperature():
     assert len(generated) == 6
 
 
-def test_transformers_path_samples_each_row_at_its_prompts_temperature():
-    class FakeModel(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def generate(self, input_ids, logits_processor, **kwargs):
-            self.processor = logits_processor[0]
-            return torch.cat([input_ids.repeat_interleave(2, 0), torch.full((input_ids.shape[0] * 2, 1), 9)], 1)
-
-    model = FakeModel()
-    agpo.hf_generate(model, [[1, 2], [3, 4]], [0.6, 1.4], 0, agpo.Args(num_generations=2), [9], 0, False)
-    assert model.processor.temperatures.squeeze(-1).tolist() == pytest.approx([0.6, 0.6, 1.4, 1.4])
-
-
 # --- state across ranks: 2 ranks move the controllers as 1 rank does ---------------------------
 
 
@@ -315,14 +300,15 @@ def check_run(out: str, steps: int, completions: int = 8) -> list:
 
 def test_one_process_transformers_and_the_ablations(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
-    run_script([*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *TINY],
-               cwd=str(tmp_path))
+    run_script([*script_args(SCRIPT, tiny_model, add_data, out), *TINY],
+               cwd=str(tmp_path), pythonpath=(FAKE_VLLM,))
     metrics = check_run(out, 2)
     assert metrics[0]["agpo/tau_min"] == metrics[0]["agpo/tau_max"] == 1.0  # c = 0 in the first step
     assert metrics[0]["agpo/drift_ema"] == pytest.approx(0.1 * metrics[0]["agpo/drift"])
     off = str(tmp_path / "off")
-    run_script([*script_args(SCRIPT, tiny_model, add_data, off), "--no-use-vllm", *TINY,
-                "--no-probe", "--no-adaptive-temperature", "--no-adaptive-clip"], cwd=str(tmp_path))
+    run_script([*script_args(SCRIPT, tiny_model, add_data, off), *TINY,
+                "--no-probe", "--no-adaptive-temperature", "--no-adaptive-clip"],
+               cwd=str(tmp_path), pythonpath=(FAKE_VLLM,))
     for m in read_metrics(off):
         assert m["agpo/tau_mean"] == 1.0 and m["agpo/eps_mean"] == pytest.approx(0.2) and m["tokens/probe_total"] == 0
         assert "agpo/vote_entropy" not in m and "agpo/drift" not in m
@@ -332,9 +318,9 @@ def test_robust_dispersion_without_gradient_clipping_does_not_diverge(tiny_model
     """(3.2): ±1 rewards with --dispersion mad: a 2-2 group of 4 has MAD 0, which divided advantages by 1e-8;
     without clipping the gradient norm was ~1e8 times a normal one. With the std fallback it stays normal."""
     out = str(tmp_path / "runs")
-    run_script([*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *TINY[:-2],
+    run_script([*script_args(SCRIPT, tiny_model, add_data, out), *TINY[:-2],
                 "--reward-funcs", "toy_rewards:has_a_pm1", "--dispersion", "mad", "--max-grad-norm", "0"],
-               cwd=str(tmp_path))
+               cwd=str(tmp_path), pythonpath=(FAKE_VLLM,))
     norms = [m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m]
     assert norms and all(math.isfinite(g) and g < 1e3 for g in norms), norms
 

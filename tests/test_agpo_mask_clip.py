@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script, run_two_ranks, script_args, tiny_args, vllm_importable
+from conftest import FAKE_VLLM, ROOT, read_metrics, run_script, run_two_ranks, script_args, tiny_args, vllm_importable
 
 import agpo_mask_clip as agpo
 
@@ -105,8 +105,8 @@ def test_one_process_every_group_masked_is_not_an_error(tiny_model, add_data, tm
     so every group is masked: no update, a warning, and the step is still logged."""
     out = str(tmp_path / "runs")
     proc = run_script(
-        [*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *ARGS],
-        cwd=str(tmp_path),
+        [*script_args(SCRIPT, tiny_model, add_data, out), *ARGS],
+        cwd=str(tmp_path), pythonpath=(FAKE_VLLM,),
     )
     assert "every group is masked" in proc.stdout + proc.stderr
     metrics = read_metrics(out)
@@ -122,9 +122,9 @@ def test_one_process_refill(tiny_model, add_data, tmp_path):
     """--refill generates extra rounds until the kept groups fill the batch; the counts add up."""
     out = str(tmp_path / "runs")
     run_script(
-        [*script_args(SCRIPT, tiny_model, add_data, out), "--no-use-vllm", *ARGS, "--reward-funcs",
+        [*script_args(SCRIPT, tiny_model, add_data, out), *ARGS, "--reward-funcs",
          "toy_rewards:has_a_pm1", "--refill", "--max-refill-rounds", "3"],
-        cwd=str(tmp_path),
+        cwd=str(tmp_path), pythonpath=(FAKE_VLLM,),
     )
     metrics = read_metrics(out)
     for m in metrics:

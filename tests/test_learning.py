@@ -3,11 +3,10 @@ the letter 'a' in its completion), the mean reward rises far beyond what drift g
 
 import os
 
-from conftest import ROOT, read_metrics, run_script, script_args, tiny_args
+from conftest import FAKE_VLLM, ROOT, read_metrics, run_script, script_args, tiny_args
 
 ARGS = tiny_args(prompts_per_step=4, num_generations=8, micro_batch_size=16, total_steps=30) + [
-    "--save-steps", "0", "--beta", "0", "--warmup-ratio", "0", "--reward-funcs", "toy_rewards:letter_a",
-    "--no-use-vllm"]
+    "--save-steps", "0", "--beta", "0", "--warmup-ratio", "0", "--reward-funcs", "toy_rewards:letter_a"]
 
 
 def rewards_of(tiny_model, add_data, tmp_path, lr):
@@ -15,6 +14,7 @@ def rewards_of(tiny_model, add_data, tmp_path, lr):
     run_script(
         [*script_args(os.path.join(ROOT, "grpo.py"), tiny_model, add_data, out), "--learning-rate", lr, *ARGS],
         cwd=str(tmp_path),
+        pythonpath=(FAKE_VLLM,),
     )
     return [m["reward"] for m in read_metrics(out)]
 

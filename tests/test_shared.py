@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import ALGORITHMS, ROOT, build_tiny_model, make_args, make_rollout, run_script, update_policy
+from conftest import ALGORITHMS, FAKE_VLLM, ROOT, build_tiny_model, make_args, make_rollout, run_script, update_policy
 from transformers import AutoModelForCausalLM
 
 import eval as ev
@@ -274,7 +274,7 @@ def test_help_offers_options_only(algo):
 
         tyro.cli(algo.Args, args=["--help"])
     text = out.getvalue()
-    assert "--learning-rate" in text and "--use-vllm" in text
+    assert "--learning-rate" in text and "--vllm-gpu-memory-utilization" in text
     assert "--world-size" not in text and "--local-rank" not in text and "epsilon-high_" not in text and "(derived)" not in text
 
 
@@ -304,15 +304,21 @@ def test_reward_function_output_is_checked(algo, bad, needle):
     assert ok[0, 0].isnan() and ok[0, 1:].tolist() == [1.0, 0.5, 2.0]
 
 
-@each
-def test_each_row_is_sampled_at_its_own_temperature(algo):
-    """The transformers path: temperature per row, then top-p (vLLM's order)."""
-    scores = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
-    out = algo.RowTemperatureTopP(torch.tensor([1.0, 0.5]), top_p=1.0)(None, scores)
-    assert torch.allclose(out, torch.tensor([[2.0, 1.0, 0.0], [4.0, 2.0, 0.0]]))
-    # top-p 0.7 at these temperatures: row 0 (p ≈ .67, .24, .09) keeps 2 tokens, row 1 (.87, .12, .02) keeps 1
-    kept = torch.isfinite(algo.RowTemperatureTopP(torch.tensor([1.0, 0.5]), top_p=0.7)(None, scores))
-    assert kept.tolist() == [[True, True, False], [True, False, False]]
+def test_the_stand_in_engine_samples_as_vllm_does(tiny_model):
+    """tests/fake_vllm: a request's seed fixes its completions, stop tokens end them (kept), and a completion
+    that reaches max_tokens ends with "length"."""
+    spec = importlib.util.spec_from_file_location("fake_vllm", os.path.join(FAKE_VLLM, "vllm", "__init__.py"))
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    llm = fake.LLM(model=tiny_model, dtype=torch.float32)
+    prompts = [{"prompt_token_ids": [5, 6, 7]}] * 3
+    params = [fake.SamplingParams(n=4, temperature=t, seed=s, max_tokens=8) for t, s in ((1.0, 1), (1.0, 1), (1.0, 2))]
+    a, b, c = ([o.token_ids for o in out.outputs] for out in llm.generate(prompts, params))
+    assert a == b and a != c and all(len(x) == 8 for x in a)
+    stop = [a[0][3]]  # a token the seed-1 completions sample at position 3
+    out = llm.generate(prompts[:1], [fake.SamplingParams(n=4, seed=1, max_tokens=8, stop_token_ids=stop)])[0].outputs
+    assert out[0].token_ids == a[0][: a[0].index(stop[0]) + 1] and out[0].finish_reason == "stop"
+    assert all(o.finish_reason == ("stop" if o.token_ids[-1] in stop else "length") for o in out)
 
 
 @each

@@ -1,0 +1,62 @@
+"""A stand-in for vLLM, served by transformers: the calls the training scripts make (LLM, generate with one
+SamplingParams per prompt, collective_rpc("reload_weights"), sleep, wake_up), so a script runs unchanged where
+vLLM is not installed (the GPU machine: `PYTHONPATH=tests/fake_vllm`) and the tiny-model tests run fast.
+
+Sampling follows vLLM's: the request's temperature, then top-p, no top-k, the request's seed, stop at any
+stop token (kept), finish_reason "length" when max_tokens ran out. The engine holds its own copy of the model;
+reload_weights copies the trainer's weights into it, so a test through this engine also checks the sync's names.
+"""
+
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+class SamplingParams:
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, seed=0, max_tokens=16, stop_token_ids=(), **_):
+        self.n, self.temperature, self.top_p, self.seed = n, temperature, top_p, seed
+        self.max_tokens, self.stop_token_ids = max_tokens, list(stop_token_ids or [])
+
+
+class LLM:
+    def __init__(self, model: str, dtype=None, **_):
+        self.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
+
+    @torch.no_grad()
+    def generate(self, prompts: list, params, use_tqdm: bool = False) -> list:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        return [self._sample(prompt["prompt_token_ids"], p) for prompt, p in zip(prompts, params)]
+
+    def _sample(self, prompt_ids: list, p: SamplingParams):
+        ids = torch.tensor([prompt_ids], device=self.device)  # [1, P]
+        with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
+            torch.manual_seed(p.seed)  # the trainer's own random state is left as it was
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                      temperature=p.temperature, top_p=p.top_p, top_k=0, max_new_tokens=p.max_tokens,
+                                      num_return_sequences=p.n, eos_token_id=p.stop_token_ids or None,
+                                      pad_token_id=(p.stop_token_ids or [0])[0])  # [n, P + new]
+        completions = []
+        for row in out[:, len(prompt_ids):].tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in p.stop_token_ids), None)
+            completions.append(SimpleNamespace(token_ids=row[:cut] if cut else row,
+                                               finish_reason="stop" if cut else "length"))
+        return SimpleNamespace(outputs=completions)
+
+    @torch.no_grad()
+    def collective_rpc(self, method, kwargs=None):
+        if method == "reload_weights":
+            for name, weight in kwargs["weights_iterator"]:
+                self.model.get_parameter(name).copy_(weight)
+        elif callable(method):  # e.g. a script's CPU-only repack of a tied lm_head: nothing to repack here
+            method(SimpleNamespace(model_runner=SimpleNamespace(model=self.model)))
+
+    def reset_prefix_cache(self):
+        pass
+
+    def sleep(self, level: int = 1):
+        pass
+
+    def wake_up(self, tags=None):
+        pass
