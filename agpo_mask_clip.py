@@ -265,10 +265,8 @@ def logprobs_of(logits, ids, temperature: float, with_entropy: bool):
 
 
 def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
-    """Log-probs [B, T] of the completion tokens of a micro-batch (collate's or pack's), and their entropy.
-
-    Only the positions that predict a completion token reach the output layer.
-    """
+    """Log-probs [B, T] of the completion tokens of a micro-batch (collate's or pack's), and their entropy;
+    only the positions that predict a completion token reach the output layer."""
     ids = batch["completion_ids"]  # [B, T]
     if "logit_index" not in batch:  # padded rows
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -413,9 +411,8 @@ def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict
 
 
 def pack(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict:
-    """One row [1, L]: each prompt once, followed by its completions, whose positions continue the prompt's
-    (docs/algorithms.md (6.7)). logit_index: the row positions that predict the completion tokens, sequence by
-    sequence; shared_prompts: the attention segments of shared_prompt_attention."""
+    """One row [1, L]: each prompt once, then its completions, positions continuing the prompt's (6.7); logit_index:
+    the positions that predict the completion tokens; shared_prompts: shared_prompt_attention's segments."""
     by_prompt = {}
     for i, p in enumerate(prompt_ids):
         by_prompt.setdefault(tuple(p), []).append(i)
@@ -701,8 +698,7 @@ def rollout_logprobs(engine, ref_engine, rollout: Rollout, micro_batches: list, 
 
 
 def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Metrics, device) -> None:
-    """μ passes over this rank's rollout, each split into optimizer steps, gradients accumulated over
-    micro-batches (docs/algorithms.md (1.4))."""
+    """μ passes over this rank's rollout, each split into optimizer steps accumulated over micro-batches (1.4)."""
     world, skipped = dist.get_world_size(), 0
     for it, optimizer_steps in enumerate(plan):
         for micro_batches in optimizer_steps:
@@ -1025,8 +1021,7 @@ def setup(args: Args, on_gpu: bool, log):
 
 
 def init_distributed():
-    """The process group (`python grpo.py` is a world of one; `deepspeed` sets the variables of every rank), and
-    this rank's device, whether it is a GPU, and its log (rank 0 prints)."""
+    """The process group (`python grpo.py`: a world of one), this rank's device, whether it is a GPU, and its log."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -1047,8 +1042,7 @@ def init_distributed():
 
 
 def cpu_workarounds(log) -> None:
-    """DeepSpeed's CPU all-reduce maps a ~70 MB /dev/shm file per rank and never unlinks it; once every rank has
-    mapped its peers', the name can go (the mappings stay)."""
+    """A hint to preload tcmalloc; DeepSpeed's /dev/shm all-reduce file unlinked once every rank mapped it (6.11)."""
     if "libtcmalloc" not in os.environ.get("LD_PRELOAD", ""):
         log("CPU: preloading tcmalloc and Intel OpenMP makes a step 30-40% faster (README, CPU setup)")
     dist.barrier()
@@ -1059,9 +1053,7 @@ def cpu_workarounds(log) -> None:
 
 
 def cpu_vllm_kwargs(model: str, sequences: int, length: int) -> dict:
-    """vLLM's CPU build sizes its KV cache from free RAM, which fails beside the trainer: room for the step's
-    sequences instead (twice, for the blocks; VLLM_CPU_KVCACHE_SPACE in GiB overrides it). Its chunked prefill
-    crashes on seeded requests, and the seeds are what make --resume exact."""
+    """vLLM's CPU engine: a KV cache sized for the step's sequences, not from free RAM; no chunked prefill (6.11)."""
     config = AutoConfig.from_pretrained(model).get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -1070,8 +1062,7 @@ def cpu_vllm_kwargs(model: str, sequences: int, length: int) -> dict:
 
 
 def repack_tied_lm_head(worker) -> None:
-    """vLLM's CPU backend multiplies by a copy of lm_head packed at load time, which `reload_weights` leaves stale
-    when lm_head is tied to the embedding (log-probs off by up to 40 nats): repack it from the synced weights."""
+    """vLLM's CPU copy of a tied lm_head, packed at load time and left stale by `reload_weights`, rebuilt (6.11)."""
     head = getattr(worker.model_runner.model, "lm_head", None)
     if head is not None and hasattr(head, "cpu_linear") and hasattr(head, "quant_method"):
         head.quant_method.process_weights_after_loading(head)
