@@ -40,6 +40,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"advantages": torch.cat(parts), "controls": history, "mean_std": (mean, std)}, out)
     dist.barrier()
+    dist.destroy_process_group()  # an exit with gloo's threads still alive can abort (SIGABRT)
 
 
 if __name__ == "__main__":

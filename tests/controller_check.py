@@ -38,6 +38,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"controller": controller, "tau": torch.stack(taus), "eps": torch.stack(epsilons)}, out)
     dist.barrier()
+    dist.destroy_process_group()  # an exit with gloo's threads still alive can abort (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def main() -> None:
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
+    dist.destroy_process_group()  # an exit with gloo's threads still alive can abort (SIGABRT)
 
 
 if __name__ == "__main__":
