@@ -15,8 +15,8 @@ model (the scripts' update_policy under each DeepSpeed setting against a plain m
 
 --smollm2 may hold only config.json and the tokenizer: the weights are then random (the checks exercise the
 architecture, not what the weights know). The 0.5B-shaped model is always random, with SmolLM2's tokenizer.
-Without vLLM, generation goes through tests/fake_vllm (vLLM's calls served by transformers generate). The runs share the GPU a few at a time
-(--parallel); the throughput runs go alone, one after the other.
+Without vLLM, generation goes through tests/fake_vllm (vLLM's calls served by transformers generate). The runs
+share the GPU a few at a time (--parallel); the throughput runs go alone, one after the other.
 
 On a GPU machine without network that has torch and transformers but not the rest, the measured run brought
 these as wheels (pip install --no-deps --target DIR, then PYTHONPATH=DIR): transformers, tokenizers, datasets,

@@ -137,7 +137,7 @@ def check_run(out: str, steps: int) -> list:
     return metrics
 
 
-def test_one_process_transformers(tiny_model, add_data, tmp_path):
+def test_one_process_fake_vllm(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
     run_script([*script_args(SCRIPT, tiny_model, add_data, out), *TINY],
                cwd=str(tmp_path), pythonpath=(FAKE_VLLM,))

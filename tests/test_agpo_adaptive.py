@@ -298,7 +298,7 @@ def check_run(out: str, steps: int, completions: int = 8) -> list:
     return metrics
 
 
-def test_one_process_transformers_and_the_ablations(tiny_model, add_data, tmp_path):
+def test_one_process_fake_vllm_and_the_ablations(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
     run_script([*script_args(SCRIPT, tiny_model, add_data, out), *TINY],
                cwd=str(tmp_path), pythonpath=(FAKE_VLLM,))
