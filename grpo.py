@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import random
+import re
 import shutil
 import socket
 import sys
@@ -34,9 +35,6 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
 
 import rewards
 
@@ -59,8 +57,6 @@ class Args:
     """save a checkpoint every this many steps (and always at the end); 0: only at the end"""
     resume: Optional[str] = None
     """a checkpoint directory, or a run directory (its latest complete checkpoint) to continue from"""
-
-    # model and data
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"
     """hub id or local directory of the policy (and of the reference model)"""
     dataset: str = "gsm8k"
@@ -75,8 +71,6 @@ class Args:
     """prompts longer than this many tokens are skipped (and counted)"""
     max_completion_length: int = 1024
     """most tokens generated per completion"""
-
-    # batch
     num_generations: int = 8
     """G, completions sampled per prompt (the group)"""
     prompts_per_step: int = 16
@@ -87,14 +81,10 @@ class Args:
     """μ, passes over each generated batch (the ratio and its clip only matter when μ > 1 or mini-batches > 1)"""
     num_mini_batches: int = 1
     """optimizer steps per pass over the batch"""
-
-    # sampling
     temperature: float = 1.0
     """sampling temperature (log-probs are computed at the same temperature)"""
     top_p: float = 1.0
     """nucleus sampling threshold"""
-
-    # optimisation
     learning_rate: float = 1e-6
     """peak learning rate of AdamW"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -111,8 +101,14 @@ class Args:
     """training steps (one step = generate, score, μ × mini-batches optimizer steps)"""
     max_generated_tokens: int = 0
     """stop once this many tokens have been generated in total (all ranks); 0: no budget (6.6)"""
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """DeepSpeed ZeRO stage of the policy (the reference is ZeRO-3 when this is 3)"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward (less memory, ~30% more time); auto: on with CUDA"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """fraction of GPU memory the colocated vLLM engine may take (weights + KV cache)"""
 
-    # GRPO objective (docs/algorithms.md §1)
+    # Algorithm specific arguments: the GRPO objective (docs/algorithms.md §1)
     beta: float = 0.04
     """β, weight of the k3 KL to the reference; 0 skips loading the reference model"""
     epsilon: float = 0.2
@@ -128,14 +124,6 @@ class Args:
     reward_weights: Optional[list[float]] = None
     """weight of each reward function (default: 1 each)"""
 
-    # engines
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    """DeepSpeed ZeRO stage of the policy (the reference is ZeRO-3 when this is 3)"""
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """recompute activations in the backward (less memory, ~30% more time); auto: on with CUDA"""
-    vllm_gpu_memory_utilization: float = 0.3
-    """fraction of GPU memory the colocated vLLM engine may take (weights + KV cache)"""
-
 
 LOGPROB_CHUNK = 256  # positions whose fp32 log-softmax exists at once (6.3)
 SYNC_BUCKET_BYTES = 2**30  # weights handed to vLLM per gathered bucket (6.10)
@@ -143,8 +131,6 @@ MIN_LR_RATIO = 0.0  # where the cosine and linear schedules end, as a fraction o
 
 
 # ---- ALGO LOGIC: the maths (pure functions, imported by the tests) ---------------------------------------------------
-
-
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group") -> torch.Tensor:
     """docs/algorithms.md (1.1) and (1.6): the group z-score (sample std); NaN rewards get advantage 0."""
     r = rewards.view(-1, num_generations)  # [prompts, G]
@@ -170,8 +156,7 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low, eps_high, ref_log
     m = mask.bool()
     ratio = torch.exp(torch.where(m, logp - old_logp, 0.0))  # [B, T]; (6.2): no exp of padding
     adv = advantages.unsqueeze(-1)  # [B, 1]
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    loss = -surrogate
+    loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     kl = None
     if beta > 0:
         kl = k3_kl(torch.where(m, ref_logp, logp.detach()), logp)  # [B, T], 0 outside the mask
@@ -231,33 +216,14 @@ def logprobs_of(logits, ids, temperature: float, with_entropy: bool):
 
 
 def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
-    """Log-probs [B, T] of the completion tokens of a micro-batch (collate's or pack's), and their entropy;
-    only the positions that predict a completion token reach the output layer."""
+    """Log-probs [B, T] of collate's completions (and their entropy); only T + 1 positions reach the output layer."""
     ids = batch["completion_ids"]  # [B, T]
-    if "logit_index" not in batch:  # padded rows
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=ids.shape[1] + 1, use_cache=False).logits
-        return logprobs_of(logits[:, :-1], ids, temperature, with_entropy)  # logits [B, T, V]
-    inner = getattr(model, "module", model)  # the DeepSpeed engine's model, or the model
-    if inner.config._attn_implementation != SHARED_PROMPT_ATTENTION:  # sdpa would ignore the segments
-        raise RuntimeError("packed rows need model.set_attn_implementation(SHARED_PROMPT_ATTENTION)")
-    index = batch["logit_index"]  # [N]
-    keep = inner.get_output_embeddings().register_forward_pre_hook(
-        lambda _, inputs: (inputs[0].flatten(0, 1)[index].unsqueeze(0),))
-    try:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=0,
-                       attention_mask=batch["attention_mask"], shared_prompts=batch["shared_prompts"],
-                       use_cache=False).logits  # [1, N, V]: the N completion tokens, sequence by sequence
-    finally:
-        keep.remove()
-    mask = batch["completion_mask"].bool()  # [B, T]
-    flat = logprobs_of(logits, ids[mask].unsqueeze(0), temperature, with_entropy)  # [1, N] each
-    return tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x[0]) for x in flat)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=ids.shape[1] + 1, use_cache=False).logits
+    return logprobs_of(logits[:, :-1], ids, temperature, with_entropy)  # logits [B, T + 1, V]
 
 
 # ---- Data ------------------------------------------------------------------------------------------------------------
-
-# rewards.extract_gold reads the gold out of GSM8K's "#### 72" and MATH's "\boxed{...}" alike
 DATASET_PRESETS = {
     "gsm8k": dict(path="openai/gsm8k", name="main", question="question", answer="answer"),
     "math": dict(path="DigitalLearningGmbH/MATH-lighteval", name=None, question="problem", answer="solution"),
@@ -271,17 +237,12 @@ def load_rows(args: Args):
     import datasets
 
     preset = DATASET_PRESETS.get(args.dataset, {})
-    local = os.path.splitext(args.dataset)[1] in (".jsonl", ".json", ".parquet")
-    if local and not os.path.isfile(args.dataset):
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(args.dataset)[1])
+    if kind and not os.path.isfile(args.dataset):
         raise SystemExit(f"--dataset {args.dataset}: no such file")
-    try:
-        if preset:
-            ds = datasets.load_dataset(preset["path"], preset["name"], split="train")
-        elif local:
-            kind = "parquet" if args.dataset.endswith(".parquet") else "json"
-            ds = datasets.load_dataset(kind, data_files=args.dataset, split="train")
-        else:
-            ds = datasets.load_dataset(args.dataset, split="train")
+    try:  # a preset, a local file, or a hub data set
+        ds = datasets.load_dataset(preset.get("path") or kind or args.dataset, preset.get("name"),
+                                   data_files=args.dataset if kind else None, split="train")
     except Exception as e:  # hub unreachable, unknown name, unreadable file
         raise SystemExit(f"--dataset {args.dataset}: cannot load it ({type(e).__name__}: {str(e)[:300]}).\n"
                          "Without a reachable hub, give a local .jsonl/.parquet file, e.g. data/gsm8k_sample.jsonl")
@@ -320,217 +281,24 @@ def prepare_prompts(ds, q_field: str, a_field: str, tokenizer, args: Args):
 
 
 def prompt_indices(start: int, count: int, num_examples: int, seed: int) -> list[int]:
-    """Example indices at positions start … start+count−1 of the data stream, one seeded permutation per epoch:
-    a pure function of (seed, position), so --resume continues it exactly."""
-    perms, out = {}, []
-    for pos in range(start, start + count):
-        epoch, i = divmod(pos, num_examples)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(num_examples)
-        out.append(int(perms[epoch][i]))
-    return out
+    """Example indices at data positions [start, start + count): a permutation per (seed, epoch), so resume is exact."""
+    positions = range(start, start + count)
+    epochs = {p // num_examples for p in positions}
+    perms = {epoch: np.random.default_rng([seed, epoch]).permutation(num_examples) for epoch in epochs}
+    return [int(perms[p // num_examples][p % num_examples]) for p in positions]
 
 
 def score(reward_funcs: list, names: list, examples: list, completions: list, completion_ids: list, G: int):
     """[F, n] float64 rewards, a row per reward function; NaN where it cannot score (returns None)."""
     prompts = [e["prompt"] for e in examples for _ in range(G)]
     answers = [e["answer"] for e in examples for _ in range(G)]
-    rows = []
-    for name, fn in zip(names, reward_funcs):
-        values = fn(prompts=prompts, completions=completions, answer=answers, completion_ids=completion_ids,
-                    num_generations=G)
-        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-            got = f"{type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}"
-            raise RuntimeError(f"reward {name!r} returned {got} for {len(completions)} completions; "
-                               "it must return a list of one float or None per completion")
-        bad = [v for v in values if v is not None and not (
-            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v))]
-        if bad:
-            raise RuntimeError(f"reward {name!r} returned {bad[0]!r} ({len(bad)} such values); "
-                               "a reward is a finite number, or None for 'cannot score'")
-        rows.append(torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64))
-    return torch.stack(rows)
-
-
-# ---- Micro-batches: padded rows, or packed rows that compute each prompt once (docs/algorithms.md (6.7)) -------------
-
-
-def collate(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict:
-    """Left-padded prompts + right-padded completions [B, P + T], and the completion tokens with their mask [B, T]."""
-    p_len = max(len(p) for p in prompt_ids)
-    c_len = max(max(len(c) for c in completion_ids), 1)
-    n = len(prompt_ids)
-    input_ids = torch.full((n, p_len + c_len), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, p_len + c_len), dtype=torch.long)
-    comp = torch.full((n, c_len), pad_id, dtype=torch.long)
-    comp_mask = torch.zeros((n, c_len), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[i, p_len - len(p) : p_len] = torch.tensor(p, dtype=torch.long)
-        input_ids[i, p_len : p_len + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention[i, p_len - len(p) : p_len + len(c)] = 1
-        comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        comp_mask[i, : len(c)] = 1
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    batch = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, completion_ids=comp,
-                 completion_mask=comp_mask)
-    return {k: v.to(device) for k, v in batch.items()} | {"tokens": int(attention.sum())}
-
-
-def pack(prompt_ids: list, completion_ids: list, pad_id: int, device) -> dict:
-    """One row [1, L]: each prompt once, then its completions, positions continuing the prompt's (6.7); logit_index:
-    the positions that predict the completion tokens; shared_prompts: shared_prompt_attention's segments."""
-    by_prompt = {}
-    for i, p in enumerate(prompt_ids):
-        by_prompt.setdefault(tuple(p), []).append(i)
-    row, positions, index, prompt_segments, completion_segments = [], [], {}, [], []
-    for members in by_prompt.values():
-        p = prompt_ids[members[0]]
-        prompt = list(range(len(row), len(row) + len(p)))  # the prompt's row positions
-        row += p
-        last = len(row) - 1  # the position that predicts a completion's first token
-        positions += list(range(len(p)))
-        if p:
-            prompt_segments.append((prompt, prompt))
-        for i in members:
-            c = completion_ids[i]
-            own = list(range(len(row), len(row) + len(c)))
-            index[i] = ([last] + own[:-1])[: len(c)]
-            if c:
-                completion_segments.append((own, prompt + own))
-            row += c
-            positions += list(range(len(p), len(p) + len(c)))
-    batch = collate([[]] * len(completion_ids), completion_ids, pad_id, "cpu")  # completion ids and mask [B, T]
-    batch.update(input_ids=torch.tensor([row]), position_ids=torch.tensor([positions]), tokens=len(row),
-                 logit_index=torch.tensor([x for i in range(len(completion_ids)) for x in index[i]], dtype=torch.long))
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    # a 4D mask is taken as given, so transformers builds no [L, L] mask: this one stands in, unread
-    batch["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-    batch["shared_prompts"] = [attention_segments(s, device) for s in (prompt_segments, completion_segments) if s]
-    return batch
-
-
-def attention_segments(segments: list, device) -> tuple:
-    """One sdpa call over S (query positions, key positions) segments, causal at the end of the keys: [S, Lq] and
-    [S, Lk] positions (padded with their first), the [S, 1, Lq, Lk] mask and [S, Lq] real query slots (6.7)."""
-    n_q = torch.tensor([len(q) for q, _ in segments], device=device)  # [S]
-    n_k = torch.tensor([len(k) for _, k in segments], device=device)  # [S]
-    Lq, Lk = int(n_q.max()), int(n_k.max())
-    q_index = torch.tensor([q + q[:1] * (Lq - len(q)) for q, _ in segments], device=device)  # [S, Lq]
-    kv_index = torch.tensor([k + k[:1] * (Lk - len(k)) for _, k in segments], device=device)  # [S, Lk]
-    j = torch.arange(Lq, device=device)
-    # query j is key n_k - n_q + j: it sees the keys up to there (a padded query sees every key: never an empty row)
-    mask = torch.arange(Lk, device=device)[None, None, :] <= (n_k - n_q)[:, None, None] + j[None, :, None]
-    return q_index, kv_index, mask.unsqueeze(1), j[None, :] < n_q[:, None]  # ..., [S, 1, Lq, Lk], [S, Lq]
-
-
-SHARED_PROMPT_ATTENTION = "grpo_shared_prompts"
-
-
-def shared_prompt_attention(module, query, key, value, attention_mask, shared_prompts=None, **kwargs):
-    """A transformers attention function: sdpa over pack's segments (6.7); any other call is plain sdpa.
-    query [R, H, L, D], key and value [R, H_kv, L, D]; returns [R, L, H, D] as sdpa's."""
-    if shared_prompts is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    R, H, L, D = query.shape
-    flat = [x.transpose(1, 2).flatten(0, 1) for x in (query, key, value)]  # [R·L, heads, D] each
-    out = query.new_zeros(R * L, H, D)
-    for q_index, kv_index, mask, real in shared_prompts:
-        q, k, v = (x[i].transpose(1, 2) for x, i in zip(flat, (q_index, kv_index, kv_index)))  # [S, heads, len, D]
-        o, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)  # [S, Lq, H, D]
-        out = out.index_put((q_index[real],), o[real])
-    return out.view(R, L, H, D), None
-
-
-AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
-AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)  # sdpa's masks for every other call
-
-
-def prompt_sharing_unsupported(config) -> Optional[str]:
-    """Why shared_prompt_attention cannot stand in for the model's attention (sliding windows), or None (6.7)."""
-    config = config.get_text_config()
-    windows = [t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"]
-    if windows or (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
-        return f"{config.model_type} has sliding-window attention layers"
-    return None
-
-
-@dataclass
-class Rollout:
-    """One rank's batch of a step: G consecutive completions per prompt, and what the loss needs."""
-
-    prompt_ids: list  # n token-id lists, the prompt of each completion
-    completion_ids: list  # n token-id lists
-    advantages: torch.Tensor  # [n]
-    loss_mask: torch.Tensor  # [n, T] 1 on the completion tokens in the loss; T = the longest completion
-    pad_id: int
-    old_logp: Optional[torch.Tensor] = None  # [n, T] ℓold when the policy moves within the step; 0 on padding
-    ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref when β > 0; 0 on padding
-    packed: bool = False  # micro-batches as pack's rows (6.7), else collate's
-
-    def micro_batch(self, ix: list, device) -> dict:
-        """Rows `ix` as model inputs, with their rows of the [n, T] tensors cut to their longest completion."""
-        prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
-        batch = (pack if self.packed else collate)(prompts, completions, self.pad_id, device)
-        width = batch["completion_ids"].shape[1]
-        cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
-        batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
-        batch["advantages"] = self.advantages[ix].to(device)
-        return batch
-
-
-def completion_mask(lengths: list) -> torch.Tensor:
-    """[n, T] mask of the first lengths[i] positions of row i; T = the longest completion."""
-    return (torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]).float()
-
-
-def update_plan(n: int, args: Args, shuffle_generator: torch.Generator, sizes: list, prompts: list) -> list:
-    """plan[pass][optimizer step][micro-batch] → completion indices, micro-batches balanced by tokens (6.7).
-    Shuffled per pass when the policy moves within a step; the first pass also gives ℓold (6.1)."""
-    shuffle = args.num_iterations * args.num_mini_batches > 1
-    mini_size = n // args.num_mini_batches
-    plan = []
-    for _ in range(args.num_iterations):
-        order = torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
-        minis = [order[s : s + mini_size] for s in range(0, n, mini_size)]
-        plan.append([balanced_split(mini, sizes, mini_size // args.micro_batch_size, prompts) for mini in minis])
-    return plan
-
-
-def balanced_split(ix: list, sizes: list, parts: int, prompts: list) -> list:
-    """`ix` cut, prompt by prompt, into `parts` consecutive runs whose largest cost (a prompt counted once per
-    run) is the least possible (6.7); the loss does not depend on the split (1.4)."""
-    key, first = {i: tuple(prompts[i]) for i in ix}, {}
-    for i in ix:
-        first.setdefault(key[i], len(first))
-    order = sorted(ix, key=lambda i: (first[key[i]], -sizes[i]))
-
-    def runs(bound: int) -> list:  # consecutive runs, each as long as its cost stays within bound
-        out, cost, held = [], 0, set()
-        for i in order:
-            add = sizes[i] - (len(key[i]) if key[i] in held else 0)
-            if out and cost + add <= bound:
-                out[-1].append(i)
-                cost += add
-            else:
-                out.append([i])
-                cost, held = sizes[i], set()
-            held.add(key[i])
-        return out
-
-    lo, hi = max(sizes[i] for i in ix), sum(sizes[i] for i in ix)
-    while lo < hi:  # the least bound that needs no more than `parts` runs
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if len(runs(mid)) <= parts else (mid + 1, hi)
-    groups = runs(lo)
-    while len(groups) < parts:  # fewer runs than micro-batches: halve the run of most sequences
-        k = max(range(len(groups)), key=lambda k: len(groups[k]))
-        groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
-    return [sorted(g) for g in groups]
+    columns = dict(prompts=prompts, completions=completions, answer=answers, completion_ids=completion_ids,
+                   num_generations=G)
+    values = [rewards.checked(name, fn(**columns), len(completions)) for name, fn in zip(names, reward_funcs)]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 # ---- Generation and weight sync --------------------------------------------------------------------------------------
-
-
 def request_seed(seed: int, round_id: int, rank: int, i: int) -> int:
     """Per-request sampling seed: generation is a function of (weights, seed, round), so --resume is exact (6.5)."""
     return (seed * 1_000_003 + round_id * 10_007 + rank * 101 + i) % (2**31)
@@ -538,12 +306,17 @@ def request_seed(seed: int, round_id: int, rank: int, i: int) -> int:
 
 def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, temperatures: list, round_id: int,
                      args: Args, stop_ids: list):
-    """G completions per example, each example at its own temperature: (token ids, hit the length limit) pairs,
-    their text, the rewards [F, n] (NaN: cannot score) and the seconds spent generating."""
+    """G completions per example in one engine call, each example at its own temperature and seed: (token ids, hit the
+    length limit) pairs, their text, the rewards [F, n] (NaN: cannot score) and the seconds spent generating."""
+    from vllm import SamplingParams
+
     t0 = time.perf_counter()
-    prompt_ids = [e["prompt_ids"] for e in examples]
-    seeds = [request_seed(args.seed, round_id, dist.get_rank(), i) for i in range(len(prompt_ids))]
-    generated = vllm_generate(llm, prompt_ids, temperatures, seeds, args, stop_ids)
+    seeds = [request_seed(args.seed, round_id, dist.get_rank(), i) for i in range(len(examples))]
+    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, seed=s,
+                             max_tokens=args.max_completion_length, stop_token_ids=stop_ids)
+              for t, s in zip(temperatures, seeds)]
+    outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in examples], params, use_tqdm=False)
+    generated = [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
     seconds = time.perf_counter() - t0
     completion_ids = [c for c, _ in generated]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -551,32 +324,12 @@ def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, tempera
     return generated, completions, values, seconds
 
 
-def vllm_generate(llm, prompt_ids: list, temperatures: list, seeds: list, args: Args, stop_ids: list) -> list:
-    """The colocated engine: one batched call, one SamplingParams (temperature, seed) per prompt."""
-    from vllm import SamplingParams
-
-    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, seed=s,
-                             max_tokens=args.max_completion_length, stop_token_ids=stop_ids)
-              for t, s in zip(temperatures, seeds)]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-    return [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
-
-
 def sync_weights_to_vllm(model: torch.nn.Module, llm) -> None:
-    """Hand the policy's weights to vLLM from the ZeRO-3 shards, bucket by bucket, a decoder layer never split
-    (docs/algorithms.md (6.10)): no rank ever holds a second full copy of the model."""
-
-    def layer_of(name: str) -> str:
-        parts = name.split(".")
-        for j, p in enumerate(parts[:-1]):
-            if p in ("layers", "h", "blocks") and parts[j + 1].isdigit():
-                return ".".join(parts[: j + 2])
-        return name
-
+    """The policy's weights to vLLM from the ZeRO-3 shards, a bucket of whole decoder layers at a time (6.10)."""
     buckets, current, size, last_layer = [], [], 0, None
     for name, p in model.named_parameters():
         nbytes = getattr(p, "ds_numel", p.numel()) * p.element_size()  # an ungathered ZeRO-3 parameter has numel 0
-        layer = layer_of(name)
+        layer = re.sub(r"^((.*?\.)?(layers|h|blocks)\.\d+)\..*", r"\1", name)  # "model.layers.3" for its weights
         if current and size + nbytes > SYNC_BUCKET_BYTES and layer != last_layer:
             buckets.append(current)
             current, size = [], 0
@@ -595,54 +348,94 @@ def sync_weights_to_vllm(model: torch.nn.Module, llm) -> None:
     llm.reset_prefix_cache()
 
 
-def end_of_turn_token_id(tokenizer) -> Optional[int]:
-    """The special token the chat template writes after an assistant message (`<|im_end|>` for Qwen2.5), or None."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "MARKER_6b1f"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # a template that rejects this conversation has no end-of-turn token to find
-        return None
-    tail = text.split(marker)[-1].lstrip()
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else None
-
-
 def stop_token_ids(model: str, tokenizer) -> list[int]:
-    """The tokenizer's EOS, the generation config's EOS ids and the chat template's end-of-turn token (6.5)."""
-    ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
+    """The tokenizer's and generation config's EOS, and the chat template's end of turn (`<|im_end|>`) (6.5)."""
+    ids = {tokenizer.eos_token_id}
     try:
         eos = GenerationConfig.from_pretrained(model).eos_token_id
         ids.update(eos if isinstance(eos, list) else [eos])
     except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
         pass
+    marker = "MARKER_6b1f"
+    try:
+        turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
+        tail = tokenizer.apply_chat_template(turn, tokenize=False).split(marker)[-1].lstrip()
+    except Exception:  # no chat template, or one that rejects this conversation: no end-of-turn token
+        tail = ""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids.update(set(tokenizer(tail, add_special_tokens=False)["input_ids"][:1]) & special)  # if special: the end of turn
     return sorted(i for i in ids if i is not None)
 
 
 # ---- The update ------------------------------------------------------------------------------------------------------
+def collate(prompt_ids: list, completion_ids: list, device) -> dict:
+    """Left-padded prompts + right-padded completions [B, P + T] (padding: token 0), completions, their mask [B, T]."""
+    p_len = max(len(p) for p in prompt_ids)
+    c_len = max(max(len(c) for c in completion_ids), 1)
+    input_ids = torch.zeros((len(prompt_ids), p_len + c_len), dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, p_len - len(p) : p_len + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attention[i, p_len - len(p) : p_len + len(c)] = 1
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    batch = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                 completion_ids=input_ids[:, p_len:], completion_mask=attention[:, p_len:])
+    return {k: v.to(device) for k, v in batch.items()} | {"tokens": int(attention.sum())}
 
 
-class Metrics:
-    """Per-step sums and counts, averaged over ranks at the end of the step."""
+@dataclass
+class Rollout:
+    """One rank's batch of a step: G consecutive completions per prompt, and what the loss needs."""
 
-    def __init__(self):
-        self.sums: dict[str, tuple[float, float]] = {}
+    prompt_ids: list  # n token-id lists, the prompt of each completion
+    completion_ids: list  # n token-id lists
+    advantages: torch.Tensor  # [n]
+    loss_mask: torch.Tensor  # [n, T] 1 on the completion tokens in the loss; T = the longest completion
+    old_logp: Optional[torch.Tensor] = None  # [n, T] ℓold when the policy moves within the step; 0 on padding
+    ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref when β > 0; 0 on padding
+
+    def micro_batch(self, ix: list, device) -> dict:
+        """Rows `ix` as model inputs, with their rows of the [n, T] tensors cut to their longest completion."""
+        prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
+        batch = collate(prompts, completions, device)
+        width = batch["completion_ids"].shape[1]
+        cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
+        batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
+        batch["advantages"] = self.advantages[ix].to(device)
+        return batch
+
+
+def completion_mask(lengths: list) -> torch.Tensor:
+    """[n, T] mask of the first lengths[i] positions of row i; T = the longest completion."""
+    return (torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]).float()
+
+
+def update_plan(n: int, args: Args, shuffle_generator: torch.Generator) -> list:
+    """plan[pass][optimizer step][micro-batch] → completion indices; shuffled per pass if μ × mini-batches > 1 (6.1)."""
+    shuffle = args.num_iterations * args.num_mini_batches > 1
+    mini, micro = n // args.num_mini_batches, args.micro_batch_size
+    plan = []
+    for _ in range(args.num_iterations):
+        order = torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
+        plan.append([[order[s + k : s + k + micro] for k in range(0, mini, micro)] for s in range(0, n, mini)])
+    return plan
+
+
+class Metrics(dict):
+    """Per-step (sum, count) by name, averaged over ranks at the end of the step."""
 
     def add(self, name: str, value_sum, count=1.0) -> None:
-        s, c = self.sums.get(name, (0.0, 0.0))
-        self.sums[name] = (s + float(value_sum), c + float(count))
+        s, c = self.get(name, (0.0, 0.0))
+        self[name] = (s + float(value_sum), c + float(count))
 
     def add_total(self, name: str, value) -> None:
         """A quantity summed over ranks (e.g. tokens generated), not averaged."""
-        s, _ = self.sums.get(name, (0.0, 0.0))
-        self.sums[name] = (s + float(value), 1.0 / dist.get_world_size())  # the counts of all ranks add up to 1
+        s, _ = self.get(name, (0.0, 0.0))
+        self[name] = (s + float(value), 1.0 / dist.get_world_size())  # the counts of all ranks add up to 1
 
     def reduce(self, device) -> dict:
-        keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+        keys = sorted(self)
+        t = torch.tensor([self[k] for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
 
@@ -650,9 +443,8 @@ class Metrics:
 @torch.no_grad()
 def rollout_logprobs(engine, ref_engine, rollout: Rollout, micro_batches: list, args: Args, device) -> None:
     """Fill rollout.old_logp (only when the policy moves within the step, (6.1)) and rollout.ref_logp ([n, T])."""
-    need_old = args.num_iterations * args.num_mini_batches > 1
     n, T = rollout.loss_mask.shape
-    rollout.old_logp = torch.zeros(n, T, device=device) if need_old else None
+    rollout.old_logp = torch.zeros(n, T, device=device) if args.num_iterations * args.num_mini_batches > 1 else None
     rollout.ref_logp = torch.zeros(n, T, device=device) if ref_engine is not None else None
     for ix in micro_batches:
         batch = rollout.micro_batch(ix, device)
@@ -673,8 +465,7 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             in_loss = rollout.loss_mask[rows]  # [rows, T]
             seqs = in_loss.any(1)  # [rows]
             signal = seqs & (rollout.advantages[rows].abs() > 1e-6)  # [rows]; (6.9): 1e-6 is float noise
-            counts = torch.tensor([seqs.sum().item(), in_loss.sum().item(), signal.sum().item()],
-                                  dtype=torch.float64, device=device)
+            counts = torch.stack([seqs.sum(), in_loss.sum(), signal.sum()]).to(device=device, dtype=torch.float64)
             dist.all_reduce(counts)
             num_seqs, num_tokens, num_signal = (int(c) for c in counts.tolist())
             if num_tokens == 0 or (num_signal == 0 and args.skip_no_signal):  # (6.9)
@@ -684,11 +475,9 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             for ix in micro_batches:
                 batch = rollout.micro_batch(ix, device)
                 mask = batch["loss_mask"]  # [b, t]
-                real = sum(len(rollout.prompt_ids[i]) + len(rollout.completion_ids[i]) for i in ix)
                 positions = batch["input_ids"].numel()
                 metrics.add("update/padding_fraction", positions - batch["tokens"], positions)
-                metrics.add_total("update/real_tokens", real)  # a shared prompt counted once per completion
-                metrics.add_total("update/computed_tokens", positions)
+                metrics.add_total("update/real_tokens", batch["tokens"])  # summed over micro-batches, passes, ranks
                 logp, entropy = completion_logprobs(engine, batch, args.temperature, with_entropy=it == 0)
                 old = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
                 # ALGO LOGIC: the per-token loss and its weight (docs/algorithms.md (1.2)–(1.4))
@@ -730,8 +519,6 @@ def log_rollout(add, values, total: torch.Tensor, names: list, G: int, lengths: 
 
 
 # ---- Checkpoints -----------------------------------------------------------------------------------------------------
-
-
 def latest_checkpoint(path: str) -> str:
     """A checkpoint directory as given, or a run directory's latest complete checkpoint."""
     if os.path.isfile(os.path.join(path, "trainer_state.json")):
@@ -755,8 +542,7 @@ def keep_metrics_until(path: str, step: int) -> None:
 
 
 def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, rank: int, rank_state: dict) -> str:
-    """A Hugging Face directory plus what --resume needs (DeepSpeed state, each rank's RNG and `rank_state`),
-    written under a temporary name and renamed once complete."""
+    """A Hugging Face directory plus what --resume needs, written under a temporary name and renamed once complete."""
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -784,19 +570,7 @@ def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, ran
     return final
 
 
-def load_checkpoint(engine, resume_dir: str, rank: int) -> dict:
-    """Restore the DeepSpeed state and this rank's RNGs; returns this rank's saved state."""
-    engine.load_checkpoint(os.path.join(resume_dir, "deepspeed"), tag="state")
-    rank_state = torch.load(os.path.join(resume_dir, f"rank_state_{rank}.pt"), weights_only=False)
-    random.setstate(rank_state["rng"]["python"])
-    np.random.set_state(rank_state["rng"]["numpy"])
-    torch.set_rng_state(rank_state["rng"]["torch"])
-    return rank_state
-
-
 # ---- Set-up ----------------------------------------------------------------------------------------------------------
-
-
 def validate(args: Args, world: int) -> None:
     """Bad flags fail here, before any model is loaded."""
     G, problems = args.num_generations, []
@@ -812,10 +586,8 @@ def validate(args: Args, world: int) -> None:
                         f"of --micro-batch-size {args.micro_batch_size}")
     if not args.reward_funcs or len(args.reward_weights or args.reward_funcs) != len(args.reward_funcs):
         problems.append("--reward-funcs must be non-empty, with one --reward-weights value each")
-    if not 0 < args.temperature:
-        problems.append(f"--temperature {args.temperature} must be > 0 (greedy decoding makes every advantage 0)")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top-p {args.top_p} must be in (0, 1]")
+    if not (0 < args.temperature and 0 < args.top_p <= 1):  # greedy decoding makes every advantage 0
+        problems.append(f"--temperature {args.temperature} must be > 0 and --top-p {args.top_p} in (0, 1]")
     if not (0 <= args.epsilon < 1 and args.epsilon_high >= 0):
         problems.append("--epsilon must be in [0, 1) and --epsilon-high >= 0")
     if args.beta < 0 or args.learning_rate <= 0 or not 0 <= args.warmup_ratio < 1:
@@ -843,13 +615,10 @@ def load_tokenizer(args: Args):
     if positions and longest > positions and not getattr(config, "rope_scaling", None):
         raise SystemExit(f"--max-prompt-length + --max-completion-length = {longest} tokens, more than the "
                          f"{positions} positions of --model {args.model}: lower one of the two")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def deepspeed_config(args: Args, on_gpu: bool, grad_accum: int) -> dict:
-    """The policy's DeepSpeed config: ZeRO stage, micro-batching, clipping, precision."""
     config = {
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -869,11 +638,9 @@ def deepspeed_config(args: Args, on_gpu: bool, grad_accum: int) -> dict:
     return config
 
 
-def load_model(args: Args, dtype, packed: bool):
-    """The model for DeepSpeed: shared-prompt attention when packed (6.7), ZeRO-3 hooks per decoder layer (6.8)."""
+def load_model(args: Args, dtype):
+    """The model for DeepSpeed, ZeRO-3 hooks per decoder layer (6.8)."""
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    if packed and model.config._attn_implementation == "sdpa":  # else padded rows, with the model's attention
-        model.set_attn_implementation(SHARED_PROMPT_ATTENTION)
     layers = set(getattr(model, "_no_split_modules", None) or [])
     classes = sorted({type(m) for m in model.modules() if type(m).__name__ in layers}, key=lambda c: c.__name__)
     if args.zero_stage == 3 and classes:
@@ -881,13 +648,13 @@ def load_model(args: Args, dtype, packed: bool):
     return model
 
 
-def setup_models(args: Args, ds_config: dict, dtype, total_updates: int, packed: bool):
+def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
     """The policy as a DeepSpeed engine (AdamW, schedule), and the frozen reference when β > 0 (1.5)."""
     if args.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
-    policy = load_model(args, dtype, packed)
+    policy = load_model(args, dtype)
     if args.gradient_checkpointing == "on":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -899,13 +666,12 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int, packed:
         return engine, None
     ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16")}
     ref_config["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0, "memory_efficient_linear": False}
-    ref_engine, *_ = deepspeed.initialize(model=load_model(args, dtype, packed), config=ref_config)
+    ref_engine, *_ = deepspeed.initialize(model=load_model(args, dtype), config=ref_config)
     ref_engine.eval()
     return engine, ref_engine
 
 
 def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
-    """The colocated vLLM engine of this rank."""
     from vllm import LLM
 
     max_len = args.max_prompt_length + args.max_completion_length
@@ -919,7 +685,7 @@ def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
 def start_run(args: Args, world: int, rank: int) -> tuple:
     """The run's state (fresh, or the checkpoint's for --resume), its directory with args.json, and wandb."""
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
-    state = {"step": 0, "data_pos": 0, "tokens_generated": 0, "wandb_id": None,
+    state = {"step": 0, "data_pos": 0, "tokens_generated": 0, "wandb_id": None, "world_size": world,
              "run_name": f"{args.exp_name}__{args.seed}__{int(time.time())}"}
     if resume_dir:
         with open(os.path.join(resume_dir, "trainer_state.json")) as f:
@@ -963,9 +729,6 @@ def setup(args: Args, on_gpu: bool, log):
         raise SystemExit(f"vLLM is not importable ({type(e).__name__}: {e}): install it (README, setup)") from None
     if args.gradient_checkpointing == "auto":
         args.gradient_checkpointing = "on" if on_gpu else "off"
-    unshared = prompt_sharing_unsupported(AutoConfig.from_pretrained(args.model))
-    if unshared:
-        log(f"padded micro-batches: {unshared}")
     state, resume_dir, run_dir, wandb_run = start_run(args, world, rank)  # after every flag is settled
     log(f"run {state['run_name']}: {len(examples)} prompts ({n_missing} without question/gold, {n_long} over "
         f"{args.max_prompt_length} tokens skipped)")
@@ -975,12 +738,15 @@ def setup(args: Args, on_gpu: bool, log):
     dtype = torch.bfloat16 if on_gpu else torch.float32  # CPU kernels train in fp32
     grad_accum = args.prompts_per_step // world * args.num_generations // args.num_mini_batches // args.micro_batch_size
     total_updates = args.total_steps * args.num_iterations * args.num_mini_batches
-    engine, ref_engine = setup_models(args, deepspeed_config(args, on_gpu, grad_accum), dtype, total_updates,
-                                      packed=not unshared)
+    engine, ref_engine = setup_models(args, deepspeed_config(args, on_gpu, grad_accum), dtype, total_updates)
     llm = setup_vllm(args, rank, dtype, on_gpu)  # it reseeds the RNGs: before --resume
     rank_state = {}
     if resume_dir:
-        rank_state = load_checkpoint(engine, resume_dir, rank)
+        engine.load_checkpoint(os.path.join(resume_dir, "deepspeed"), tag="state")
+        rank_state = torch.load(os.path.join(resume_dir, f"rank_state_{rank}.pt"), weights_only=False)
+        random.setstate(rank_state["rng"]["python"])
+        np.random.set_state(rank_state["rng"]["numpy"])
+        torch.set_rng_state(rank_state["rng"]["torch"])
         log(f"resumed from {resume_dir} at step {state['step']}")
         sync_weights_to_vllm(engine.module, llm)  # vLLM loaded the initial weights from disk
     return tokenizer, examples, engine, ref_engine, llm, state, rank_state, run_dir, wandb_run
@@ -1000,17 +766,13 @@ def init_distributed():
     if on_gpu:
         torch.cuda.set_device(device)
     else:
-        cpu_workarounds(log)
+        unlink_shm_buffer()
     return device, on_gpu, log
 
 
 # ---- CPU-only workarounds (vLLM's and DeepSpeed's CPU builds; none of this runs on GPU) ------------------------------
-
-
-def cpu_workarounds(log) -> None:
-    """A hint to preload tcmalloc; DeepSpeed's /dev/shm all-reduce file unlinked once every rank mapped it (6.11)."""
-    if "libtcmalloc" not in os.environ.get("LD_PRELOAD", ""):
-        log("CPU: preloading tcmalloc and Intel OpenMP makes a step 30-40% faster (README, CPU setup)")
+def unlink_shm_buffer() -> None:
+    """DeepSpeed's /dev/shm all-reduce file, unlinked once every rank has mapped it (6.11)."""
     dist.barrier()
     env = os.environ
     shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
@@ -1035,8 +797,6 @@ def repack_tied_lm_head(worker) -> None:
 
 
 # ---- Main: the training loop -----------------------------------------------------------------------------------------
-
-
 def main() -> None:
     args = tyro.cli(Args, args=[a for a in sys.argv[1:] if not a.startswith("--local_rank")])  # the launcher's
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1045,7 +805,7 @@ def main() -> None:
     reward_funcs = [rewards.get_reward_func(n) for n in args.reward_funcs]
     device, on_gpu, log = init_distributed()
     tokenizer, examples, engine, ref_engine, llm, state, rank_state, run_dir, wandb_run = setup(args, on_gpu, log)
-    rank, packed = dist.get_rank(), engine.module.config._attn_implementation == SHARED_PROMPT_ATTENTION
+    rank = dist.get_rank()
     G, local_prompts = args.num_generations, args.prompts_per_step // world
     reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float64)
     stop_ids = stop_token_ids(args.model, tokenizer)
@@ -1065,9 +825,9 @@ def main() -> None:
             llm, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts, round_id, args,
             stop_ids)
         step_metrics.add_total("tokens/generated_step", sum(len(c) for c, _ in generated))
+        add("time/generate", time_generate)  # the mean over ranks, as every time/*
         if on_gpu:
             llm.sleep(level=2)  # frees vLLM's memory for the update; the weights are re-sent after it
-        prompt_ids = [e["prompt_ids"] for e in batch_examples]
         completion_ids = [c for c, _ in generated]
         lengths = [len(c) for c in completion_ids]
 
@@ -1079,19 +839,17 @@ def main() -> None:
 
         # 2. log-probs of the batch under the old policy and the reference (no grad)
         t0 = time.perf_counter()
-        rollout = Rollout(prompt_ids=[p for p in prompt_ids for _ in range(G)], completion_ids=completion_ids,
-                          advantages=advantages.float(), loss_mask=loss_mask, pad_id=tokenizer.pad_token_id,
-                          packed=packed)
+        rollout = Rollout(prompt_ids=[e["prompt_ids"] for e in batch_examples for _ in range(G)],
+                          completion_ids=completion_ids, advantages=advantages.float(), loss_mask=loss_mask)
         shuffle_generator = torch.Generator().manual_seed(request_seed(args.seed, step, rank, 7))
-        sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, completion_ids)]
-        plan = update_plan(len(completion_ids), args, shuffle_generator, sizes, rollout.prompt_ids)
+        plan = update_plan(len(completion_ids), args, shuffle_generator)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)
-        time_logprobs = time.perf_counter() - t0
+        add("time/logprobs", time.perf_counter() - t0)
 
         # 3. update: μ passes, each split into mini-batches; one optimizer step per mini-batch
         t0 = time.perf_counter()
         update_policy(engine, rollout, plan, args, step_metrics, device)
-        time_update = time.perf_counter() - t0
+        add("time/update", time.perf_counter() - t0)
 
         # 4. weight sync: the new policy reaches vLLM before the next generation
         t0 = time.perf_counter()
@@ -1102,13 +860,10 @@ def main() -> None:
         sync_weights_to_vllm(engine.module, llm)
         if on_gpu:
             llm.wake_up(tags=["kv_cache"])
-        time_weight_sync = time.perf_counter() - t0
+        add("time/weight_sync", time.perf_counter() - t0)
 
         # 5. logging
-        for name, value in (("time/generate", time_generate), ("time/logprobs", time_logprobs),
-                            ("time/update", time_update), ("time/weight_sync", time_weight_sync),
-                            ("time/step", time.perf_counter() - t_step)):
-            add(name, value, 1.0)  # mean over ranks
+        add("time/step", time.perf_counter() - t_step)
         metrics = step_metrics.reduce(device)
         if on_gpu:  # the largest rank's peak: the rank that runs out of memory first
             peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)
@@ -1118,7 +873,6 @@ def main() -> None:
         step_tokens = metrics.pop("tokens/generated_step")
         state["tokens_generated"] += int(round(step_tokens))
         metrics.update(step=step + 1, lr=engine.get_lr()[0], **{"tokens/generated_total": state["tokens_generated"]})
-        metrics["tokens/per_second_generate"] = step_tokens / max(metrics["time/generate"], 1e-9) / world
         state["step"] = step + 1
         budget_spent = 0 < args.max_generated_tokens <= state["tokens_generated"]
         if rank == 0:
@@ -1126,17 +880,13 @@ def main() -> None:
                 f.write(json.dumps(metrics) + "\n")
             if wandb_run is not None:
                 wandb_run.log(metrics, step=step + 1)
-            progress.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completions/mean_length']:.0f}")
-            log(f"[step {step + 1}] reward={total[0].item():.2f} completion: {completions[0][-300:]!r}")
-            if metrics["frac_reward_zero_std"] == 1.0:
-                log(f"WARNING step {step + 1}: every group has zero reward variance: every advantage is 0")
+            log(f"[step {step + 1}] mean reward {metrics['reward']:.3f}; completion 0: {completions[0][-300:]!r}")
             if budget_spent:
                 log(f"--max-generated-tokens {args.max_generated_tokens} reached after {step + 1} steps")
 
         # 6. checkpoint
         done = step + 1 == args.total_steps or budget_spent
         if (args.save_steps and (step + 1) % args.save_steps == 0) or done:
-            state["world_size"] = world
             log(f"saved {save_checkpoint(engine, tokenizer, run_dir, step + 1, state, rank, rank_state)}")
         if done:
             break

@@ -19,6 +19,8 @@ too, docs/algorithms.md (5.3).
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import re
 from fractions import Fraction
 from functools import lru_cache
@@ -301,3 +303,18 @@ def get_reward_func(name: str) -> RewardFunc:
         f"--reward-funcs: unknown reward {name!r}; choose from {sorted(REWARD_FUNCS)} "
         "or give an importable 'module:function'"
     )
+
+
+def checked(name: str, values, n: int) -> list[float]:
+    """Reward `name`'s output for n completions as n floats, NaN for None ("cannot score"); anything else stops the
+    run with what it returned."""
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = f"{type(values).__name__} of length {len(values) if hasattr(values, '__len__') else '?'}"
+        raise RuntimeError(f"reward {name!r} returned {got} for {n} completions; "
+                           "it must return a list of one float or None per completion")
+    bad = [v for v in values if v is not None and not (
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v))]
+    if bad:
+        raise RuntimeError(f"reward {name!r} returned {bad[0]!r} ({len(bad)} such values); "
+                           "a reward is a finite number, or None for 'cannot score'")
+    return [float("nan") if v is None else float(v) for v in values]

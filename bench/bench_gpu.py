@@ -75,9 +75,9 @@ class Args:
     """check runs sharing the GPU at a time"""
     parallel_large: int = 2
     """of which runs of the 0.5B-shaped model at most (each final checkpoint with its optimizer state is ~8 GB)"""
-    throughput: list[str] = field(default_factory=lambda: ["shared"])
-    """grpo.py update throughput runs on the 0.5B-shaped model, with its default micro-batches (packed, shared
-    prompts): shared, or shared_zeroN for --zero-stage N (default 3); the plain yardstick runs right after the first"""
+    throughput: list[str] = field(default_factory=lambda: ["padded"])
+    """grpo.py update throughput runs on the 0.5B-shaped model: padded (ZeRO-3), or padded_zeroN for --zero-stage N;
+    the plain yardstick runs right after the first"""
     throughput_steps: int = 4
     """steps per throughput run; figures are medians over steps 2..N"""
     throughput_prompts: int = 8
@@ -230,7 +230,7 @@ def check(args: Args, name: str, script: str, launcher: str, model: str, path: s
             res["log_tail"] = r2.get("log_tail", "")
         if len(rows2) == 2:
             a, b = rows[1], rows2[1]
-            keys = [k for k in a if k in b and not k.startswith(("time/", "tokens/per_second", "memory/"))]
+            keys = [k for k in a if k in b and not k.startswith(("time/", "memory/"))]
             rel = {k: abs(a[k] - b[k]) / max(abs(a[k]), 1e-8) for k in keys
                    if isinstance(a[k], (int, float)) and isinstance(b[k], (int, float))}
             res["compared"] = len(rel)
@@ -290,8 +290,8 @@ print(json.dumps({{"seconds": sorted(times[1:])[1], "real_tokens": total}}))  # 
 def throughput(args: Args, path: str, variant: str, port: int) -> dict:
     out = os.path.join(args.work, "runs", f"throughput_{variant}")
     shutil.rmtree(out, ignore_errors=True)
-    if variant.split("_zero")[0] != "shared":
-        raise SystemExit(f"--throughput {variant}: expected shared or shared_zeroN")
+    if variant.split("_zero")[0] != "padded":
+        raise SystemExit(f"--throughput {variant}: expected padded or padded_zeroN")
     argv = flags(model=path, dataset=args.dataset, output_dir=out, total_steps=args.throughput_steps, save_steps=0,
                  beta=0, loss_type="dapo", skip_no_signal=False, prompts_per_step=args.throughput_prompts,
                  num_generations=args.throughput_generations, max_completion_length=args.throughput_completion_length,
@@ -306,7 +306,7 @@ def throughput(args: Args, path: str, variant: str, port: int) -> dict:
         return r
     med = {k: statistics.median(m[k] for m in rows) for k in ("time/step", "time/generate", "time/logprobs",
                                                               "time/update", "time/weight_sync", "update/real_tokens",
-                                                              "update/padding_fraction", "update/computed_tokens")}
+                                                              "update/padding_fraction")}
     r.update({k.replace("/", "_"): round(v, 4) for k, v in med.items()})
     r["steps_measured"] = [m["step"] for m in rows]
     r["update_tokens_per_s"] = round(med["update/real_tokens"] / med["time/update"])
@@ -342,7 +342,7 @@ def write(args: Args, result: dict) -> None:
             res_s = f"rc {res['rc']}, steps {res['steps']}, {res['max_rel_diff']:.2g}"
         mem = r["memory_gib"]
         mem_s = " / ".join(f"{mem[k + '_peak_gib']:.2f}" for k in ("generate", "logprobs", "update", "weight_sync")
-                           if k + "_peak_gib" in mem)
+                           if k + "_peak_gib" in mem) or f"{mem.get('peak_gib', float('nan')):.2f}"  # older runs: per phase
         lines.append(f"| {r['script']} | {r['launcher']} | {r['model']} | {r['rc']} | {r['steps_logged']} | "
                      f"{r['finite']} | {w.get('tensors_moved', '-')}/{w.get('tensors', '-')} | "
                      f"{w.get('max_abs_change', float('nan')):.3g} | {res_s} | {mem_s} | "
@@ -352,19 +352,17 @@ def write(args: Args, result: dict) -> None:
                       f"{args.throughput_generations}, ≤ {args.throughput_completion_length} tokens, micro-batch "
                       f"{args.throughput_micro_batch}, β 0, dapo, `deepspeed --num_gpus 1`, median over the steps listed (1 is "
                       "warm-up)", "",
-                  "| run | steps | s/step | generate | logprobs | update | real tokens/step | padding | positions / real "
-                  "tokens | update tokens/s | peak GiB update |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | steps | s/step | generate | logprobs | update | real tokens/step | padding | update "
+                  "tokens/s | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in result["throughput"].items():
             if "time_step" not in r:
-                lines.append(f"| {name} | failed (rc {r['rc']}) | | | | | | | | | |")
+                lines.append(f"| {name} | failed (rc {r['rc']}) | | | | | | | | |")
                 continue
-            computed = r.get("update_computed_tokens")  # absent from runs made before shared prompts
-            ratio = f"{computed / r['update_real_tokens']:.2f}" if computed else "–"
             lines.append(f"| {name} | {r.get('steps_measured')} | {r['time_step']:.2f} | {r['time_generate']:.2f} | {r['time_logprobs']:.2f} | "
                          f"{r['time_update']:.2f} | {r['update_real_tokens']:.0f} | {r['update_padding_fraction']:.1%} | "
-                         f"{ratio} | {r['update_tokens_per_s']} | {r['memory_gib'].get('update_peak_gib', float('nan')):.2f} |")
+                         f"{r['update_tokens_per_s']} | {r['memory_gib'].get('peak_gib', r['memory_gib'].get('update_peak_gib', float('nan'))):.2f} |")
         for name, r in result.get("plain", {}).items():
-            lines.append(f"| {name} | | | | | {r.get('seconds', float('nan')):.2f} | {r.get('real_tokens', 0)} | | | "
+            lines.append(f"| {name} | | | | | {r.get('seconds', float('nan')):.2f} | {r.get('real_tokens', 0)} | | "
                          f"{r.get('tokens_per_s', 'failed')} | |")
     profile = result.get("update_profile", {}).get("variants")
     if profile:

@@ -71,6 +71,7 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import grpo
     from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
 
     grpo.init_distributed()
     gargs = grpo.Args(
@@ -92,10 +93,12 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         idx = grpo.prompt_indices(step * args.prompts_per_step, args.prompts_per_step, len(examples), gargs.seed)
         prompts = [examples[i]["prompt_ids"] for i in idx]
         t = time.perf_counter()
-        seeds = [grpo.request_seed(gargs.seed, step, 0, i) for i in range(len(prompts))]
-        gen = grpo.vllm_generate(llm, prompts, [gargs.temperature] * len(prompts), seeds, gargs, stop)
+        params = [SamplingParams(n=args.num_generations, temperature=gargs.temperature, top_p=gargs.top_p,
+                                 seed=grpo.request_seed(gargs.seed, step, 0, i), max_tokens=args.max_completion_length,
+                                 stop_token_ids=stop) for i in range(len(prompts))]  # the trainer's requests
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         gen_t.append(time.perf_counter() - t)
-        comps = [c for c, _ in gen]
+        comps = [list(o.token_ids) for out in outs for o in out.outputs]
         gen_tok.append(sum(len(c) for c in comps))
         reps = [p for p in prompts for _ in range(args.num_generations)]
         mbs = [range(s, s + args.micro_batch_size) for s in range(0, len(comps), args.micro_batch_size)]
@@ -103,12 +106,12 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         with torch.no_grad():
             for ix in mbs:
                 grpo.completion_logprobs(
-                    model, grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], tok.pad_token_id, "cpu"), 1.0
+                    model, grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], "cpu"), 1.0
                 )
         fwd_t.append(time.perf_counter() - t)
         t = time.perf_counter()
         for ix in mbs:
-            b = grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], tok.pad_token_id, "cpu")
+            b = grpo.collate([reps[i] for i in ix], [comps[i] for i in ix], "cpu")
             logp, _ = grpo.completion_logprobs(model, b, 1.0, with_entropy=True)
             (logp * b["completion_mask"]).sum().backward()
         opt.step()

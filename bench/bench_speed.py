@@ -1,7 +1,6 @@
-"""Step time of grpo.py (its defaults: packed micro-batches with shared prompts) with the CPU allocator and OpenMP
-runtime preloaded, on one config; the update's time per real token against a plain forward + backward + AdamW of the
-same number of real tokens; and, with --trl-python, TRL's GRPOTrainer on the same config in the same environment
-(bench/bench_trl.py, run by the python of a venv that has TRL).
+"""Step time of grpo.py with the CPU allocator and OpenMP runtime preloaded, on one config; the update's time per real
+token against a plain forward + backward + AdamW of the same number of real tokens; and, with --trl-python, TRL's
+GRPOTrainer on the same config in the same environment (bench/bench_trl.py, run by the python of a venv that has TRL).
 
     python bench/bench_speed.py --model $(tools/prepare_smollm2.sh) --out bench/results/speed_cpu \
         --trl-python /path/to/trl_venv/bin/python
@@ -21,7 +20,7 @@ from dataclasses import asdict, dataclass
 import tyro
 from common import ROOT, SPEED_CONFIG, RunShape, flags, preload_env, read_metrics, run_dir_of, run_logged, script_command
 
-RUN = "shared_preload"  # grpo.py's default micro-batches (packed, shared prompts), preloaded
+RUN = "padded_preload"  # grpo.py's micro-batches (padded rows), preloaded
 
 
 @dataclass
@@ -48,7 +47,6 @@ def run_grpo(args: Args) -> dict:
            for k in ("time/step", "time/generate", "time/update", "time/weight_sync")}
     med["padding_fraction"] = statistics.mean(r["update/padding_fraction"] for r in rows)
     med["real_tokens_per_step"] = statistics.mean(r["update/real_tokens"] for r in rows)
-    med["computed_tokens_per_step"] = statistics.mean(r["update/computed_tokens"] for r in rows)
     med["update_s_per_1k_real_tokens"] = 1000 * med["time/update"] / med["real_tokens_per_step"]
     med["reward_per_step"] = [r["reward"] for r in rows]
     return med
@@ -119,18 +117,17 @@ def main() -> None:
              f"{args.num_generations}, ≤ {args.max_completion_length} tokens, β 0, dapo, μ 1, micro-batch "
              f"{args.micro_batch_size}, {result['date']}:", "",
              "| run | s/step | generate (s) | weight sync (s) | update (s) | padding in the update | "
-             "positions computed / real tokens | update s / 1k real tokens | plain fwd+bwd+AdamW s / 1k real tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "update s / 1k real tokens | plain fwd+bwd+AdamW s / 1k real tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         plain = result["plain"][name.split("_")[1]]
         lines.append(f"| grpo.py {name} | {r['time/step']:.1f} | {r['time/generate']:.1f} | "
                      f"{r['time/weight_sync']:.2f} | {r['time/update']:.1f} | {100 * r['padding_fraction']:.0f}% | "
-                     f"{r['computed_tokens_per_step'] / r['real_tokens_per_step']:.2f} | "
                      f"{r['update_s_per_1k_real_tokens']:.2f} | {plain['s_per_1k_real_tokens']:.2f} |")
     if "trl" in result:
         t = result["trl"]
         lines.append(f"| TRL 1.16 GRPOTrainer, preload | {t['time/step']:.1f} | {t['time/generate']:.1f} | "
-                     f"{t['time/weight_sync']:.2f} | {t['time/update']:.1f} | - | - | - | - |")
+                     f"{t['time/weight_sync']:.2f} | {t['time/update']:.1f} | - | - | - |")
         ratio = result["runs"][RUN]["time/step"] / t["time/step"]
         lines += ["", f"grpo.py {RUN} / TRL: {ratio:.2f}× the step time (target ≤ 0.6×)."]
     with open(args.out + ".md", "w") as f:

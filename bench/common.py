@@ -97,7 +97,7 @@ def read_metrics(run_dir: str) -> list:
 
 
 def padding_free_rows(prompt_ids: list, completion_ids: list, pad_id: int = 0) -> dict:
-    """The plain baselines' micro-batch (what grpo.pack made before prompts were always shared): each sequence
+    """The plain baselines' micro-batch (padding-free packing, as in TRL's padding_free): each sequence
     (prompt + completion) in the first row with room, rows no wider than the longest sequence, position ids restarting
     at each sequence (with no attention mask, transformers builds a block-causal mask from them). input_ids and
     position_ids [R, L], as lists; the model's `labels=input_ids` gives the causal-LM loss."""

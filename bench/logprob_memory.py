@@ -56,7 +56,7 @@ def main() -> None:
     completions = [
         torch.randint(0, vocab, (args.completion_length,), generator=g).tolist() for _ in range(args.micro_batch_size)
     ]
-    batch = grpo.collate(prompts, completions, 0, device)
+    batch = grpo.collate(prompts, completions, device)
     if args.stage == "log-softmax":  # the model's logits, held as a leaf: only the log-softmax is measured
         with torch.no_grad():
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}

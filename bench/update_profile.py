@@ -5,7 +5,7 @@ and OUT.md.
     python bench/update_profile.py --model DIR [--out bench/results/update_profile]
 
 The rollout is shaped like bench_gpu.py's throughput runs: 64 sequences (prompts of 80–160 random tokens,
-completions of 256), 4 packed micro-batches of 16, one optimizer step, β 0, dapo, μ 1. Each variant runs in a
+completions of 256), 4 padded micro-batches of 16, one optimizer step, β 0, dapo, μ 1. Each variant runs in a
 process of its own (its DeepSpeed engine, its CUDA context): one warm-up update, then the median of --repeats,
 in seconds per update and real tokens per second. Variants:
 
@@ -110,8 +110,6 @@ def one_variant(args: Args) -> dict:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     if stage is None:
         model = grpo.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
-        if model.config._attn_implementation == "sdpa":  # packed rows, as setup_models makes them
-            model.set_attn_implementation(grpo.SHARED_PROMPT_ATTENTION)
         if gargs.gradient_checkpointing == "on":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -125,7 +123,7 @@ def one_variant(args: Args) -> dict:
             config["zero_optimization"]["stage3_param_persistence_threshold"] = 10**10
         if "_mel" in name or "_dsdefault" in name:
             config["zero_optimization"]["memory_efficient_linear"] = True
-        engine, _ = grpo.setup_models(gargs, config, dtype, total_updates=10, packed=True)
+        engine, _ = grpo.setup_models(gargs, config, dtype, total_updates=10)
     g = torch.Generator().manual_seed(0)
     hi = min(30000, grpo.AutoConfig.from_pretrained(args.model).vocab_size)
     prompts = [torch.randint(3, hi, (int(torch.randint(80, 161, (1,), generator=g)),), generator=g).tolist()
@@ -134,11 +132,9 @@ def one_variant(args: Args) -> dict:
                    for _ in range(args.sequences)]
     rollout = grpo.Rollout(prompt_ids=prompts, completion_ids=completions,
                            advantages=torch.randn(args.sequences, generator=g),
-                           loss_mask=grpo.completion_mask([len(c) for c in completions]), pad_id=0,
-                           packed=engine.module.config._attn_implementation == grpo.SHARED_PROMPT_ATTENTION)
-    sizes = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    plan = grpo.update_plan(args.sequences, gargs, g, sizes, prompts)
-    real = sum(sizes)
+                           loss_mask=grpo.completion_mask([len(c) for c in completions]))
+    plan = grpo.update_plan(args.sequences, gargs, g)
+    real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
 
     def update():
         if on_gpu:
@@ -184,7 +180,7 @@ def write(args: Args, result: dict) -> None:
         json.dump(result, f, indent=1)
     lines = [f"# grpo.update_policy, {result['device']}", "",
              f"{args.sequences} sequences × (80–160 + {args.completion_length}) tokens, "
-             f"micro-batch {args.micro_batch}, packed, one optimizer step, β 0; "
+             f"micro-batch {args.micro_batch}, padded, one optimizer step, β 0; "
              f"median of {args.repeats} after a warm-up", "",
              *([result["note"], ""] if result.get("note") else []),
              "| variant | s/update | real tokens/s | × plain, same checkpointing | peak GiB "

@@ -25,7 +25,7 @@ from conftest import make_args, make_rollout, update_policy  # tests/ is on ever
 N, G = 8, 4
 
 
-def fixed_rollout(algo, pad_id: int):
+def fixed_rollout(algo):
     """2 groups of 4 completions (lengths 1..8); the second group is out of the loss (a masked group),
     which every script's update must handle (AGPO masks groups; GRPO's code path is the same)."""
     g = torch.Generator().manual_seed(0)
@@ -49,14 +49,14 @@ def main() -> None:
     for loss_type in ("grpo", "dapo", "dr_grpo"):
         args = make_args(algo, micro_batch_size=micro, loss_type=loss_type, beta=0.0, max_completion_length=8,
                          num_iterations=1, num_mini_batches=1)
-        full = fixed_rollout(algo, pad_id=0)
+        full = fixed_rollout(algo)
         share = N // world
         mine = slice(rank * share, (rank + 1) * share)
         rollout = make_rollout(algo, **{k: v[mine] for k, v in full.items()})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if leaf:  # the scripts' model: each decoder layer a ZeRO-3 leaf module
-            model = algo.load_model(make_args(algo, model=model_dir, zero_stage=3), torch.float32, packed=False)
+            model = algo.load_model(make_args(algo, model=model_dir, zero_stage=3), torch.float32)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()  # transformers checkpoints only in training mode
         config = {
@@ -69,8 +69,7 @@ def main() -> None:
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
         )
-        sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-        plan = algo.update_plan(share, args, torch.Generator(), sizes, rollout.prompt_ids)
+        plan = algo.update_plan(share, args, torch.Generator())
         update_policy(algo, engine, rollout, plan, args, algo.Metrics(), torch.device("cpu"))
         params = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):

@@ -23,7 +23,7 @@ def vllm_vs_trainer(engine, llm, prompt: list, completion: list, device) -> floa
                        use_tqdm=False)[0]
     ours = [out.prompt_logprobs[len(prompt) + j][t].logprob for j, t in enumerate(completion)]
     with torch.no_grad():
-        trainer = algo.completion_logprobs(engine, algo.collate([prompt], [completion], 0, device), 1.0)[0][0]
+        trainer = algo.completion_logprobs(engine, algo.collate([prompt], [completion], device), 1.0)[0][0]
     return (torch.tensor(ours) - trainer.cpu()).abs().max().item()
 
 
@@ -32,11 +32,11 @@ def main() -> None:
     device, _, _ = algo.init_distributed()
     args = algo.Args(model=model, max_prompt_length=32, max_completion_length=16, num_generations=2,
                      prompts_per_step=dist.get_world_size(), micro_batch_size=2, learning_rate=1e-2, seed=3)
-    engine, _ = algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10, packed=True)
+    engine, _ = algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
     llm = algo.setup_vllm(args, dist.get_rank(), torch.float32, False)
     prompt, completion = [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]
     # one Adam step that moves every weight: raise the log-prob of the completion
-    logp, _ = algo.completion_logprobs(engine, algo.collate([prompt], [completion], 0, device), 1.0)
+    logp, _ = algo.completion_logprobs(engine, algo.collate([prompt], [completion], device), 1.0)
     engine.backward(-logp.sum())
     engine.step()
     before = vllm_vs_trainer(engine, llm, prompt, completion, device)

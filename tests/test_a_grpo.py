@@ -96,18 +96,17 @@ def test_every_mechanism_off_is_grpo(tiny_model, world_of_one):
                          kl_type="k3", entropy_coef=0.0, adaptive_beta=False, adaptive_epsilon=False)
         adv = grpo.group_advantages(rewards, 4) if algo is grpo else a_grpo.mixed_advantages(rewards, 4, 1.0, 9.9, 9.9)
         rollout = algo.Rollout(prompt_ids=prompts, completion_ids=completions, advantages=adv.float(),
-                               loss_mask=algo.completion_mask(lengths), pad_id=0, packed=False)
+                               loss_mask=algo.completion_mask(lengths))
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole step
         metrics = algo.Metrics()
-        sizes = [len(p) + len(c) for p, c in zip(prompts, completions)]
-        plan = algo.update_plan(8, args, torch.Generator().manual_seed(1), sizes, prompts)
+        plan = algo.update_plan(8, args, torch.Generator().manual_seed(1))
         algo.rollout_logprobs(engine, ref_model, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
         extra = (a_grpo.initial_control(args),) if algo is a_grpo else ()
         algo.update_policy(engine, rollout, plan, args, metrics, "cpu", *extra)
         grads[algo] = torch.cat([p.grad.flatten() for p in model.parameters()])
-        losses[algo] = (metrics.sums["policy_loss"], metrics.sums["kl"])
+        losses[algo] = (metrics["policy_loss"], metrics["kl"])
     assert grads[grpo].abs().max() > 1e-3
     assert torch.equal(grads[a_grpo], grads[grpo]) and losses[a_grpo] == losses[grpo]
 

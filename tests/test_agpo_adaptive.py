@@ -230,18 +230,18 @@ def test_controllers_off_reduce_to_grpo(tiny_model, world_of_one):
                          probe=False, adaptive_temperature=False, adaptive_clip=False)
         adv = (agpo.adaptive_advantages(rewards, 4, "std") if algo is agpo else grpo.group_advantages(rewards, 4))
         rollout = algo.Rollout(prompt_ids=prompts, completion_ids=completions, advantages=adv.float(),
-                               loss_mask=algo.completion_mask(lengths), pad_id=0, packed=False)
+                               loss_mask=algo.completion_mask(lengths))
         if algo is agpo:
             rollout.epsilon = torch.full((8,), args.eps_base)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole optimizer step
         metrics = algo.Metrics()
-        plan = algo.update_plan(8, args, torch.Generator(), [4 + L for L in lengths], prompts)
+        plan = algo.update_plan(8, args, torch.Generator())
         algo.rollout_logprobs(engine, None, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
         algo.update_policy(engine, rollout, plan, args, metrics, "cpu")
         grads[algo] = torch.cat([p.grad.flatten() for p in model.parameters()])
-        losses[algo] = metrics.sums["policy_loss"][0]
+        losses[algo] = metrics["policy_loss"][0]
     assert grads[grpo].abs().max() > 1e-3
     assert (grads[agpo] - grads[grpo]).norm() <= 1e-3 * grads[grpo].norm()
     assert losses[agpo] == pytest.approx(losses[grpo], rel=1e-3, abs=1e-6)  # ≈ 0 at ρ = 1: A has mean 0
@@ -250,19 +250,27 @@ def test_controllers_off_reduce_to_grpo(tiny_model, world_of_one):
 # --- generation: one temperature per prompt, in one engine call ---------------------------------
 
 
-def test_each_training_request_reaches_vllm_with_its_own_temperature():
+def test_each_training_request_reaches_vllm_with_its_own_temperature(world_of_one):
     class FakeLLM:
         def generate(self, prompts, params, use_tqdm=False):
             self.prompts, self.params = prompts, params
             out = type("O", (), {"token_ids": [7], "finish_reason": "stop"})
             return [type("R", (), {"outputs": [out] * 2})() for _ in prompts]
 
+    class Tokenizer:
+        def batch_decode(self, ids, skip_special_tokens):
+            return ["7"] * len(ids)
+
     llm = FakeLLM()
-    args = agpo.Args(num_generations=2)
-    generated = agpo.vllm_generate(llm, [[1, 2], [3], [4, 5, 6]], [0.7, 1.0, 1.3], [11, 12, 13], args, [9])
+    args = agpo.Args(num_generations=2, reward_funcs=["zero"])
+    examples = [{"prompt": "p", "prompt_ids": p, "answer": "7"} for p in ([1, 2], [3], [4, 5, 6])]
+    zero = lambda completions, **_: [0.0] * len(completions)  # noqa: E731
+    generated, texts, values, _ = agpo.sample_and_score(llm, Tokenizer(), [zero], examples, [0.7, 1.0, 1.3], 5,
+                                                        args, [9])
     assert [p.temperature for p in llm.params] == [0.7, 1.0, 1.3] and len(llm.prompts) == 3  # one call
-    assert [p.seed for p in llm.params] == [11, 12, 13] and all(p.n == 2 for p in llm.params)
-    assert len(generated) == 6
+    assert [p.seed for p in llm.params] == [agpo.request_seed(args.seed, 5, 0, i) for i in range(3)]
+    assert all(p.n == 2 and p.stop_token_ids == [9] for p in llm.params)
+    assert len(generated) == len(texts) == 6 and values.shape == (1, 6)
 
 
 # --- state across ranks: 2 ranks move the controllers as 1 rank does ---------------------------

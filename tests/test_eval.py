@@ -9,7 +9,6 @@ import pytest
 from conftest import ROOT, run_script, vllm_importable, write_jsonl
 
 import eval as ev
-import grpo
 
 
 @pytest.mark.parametrize(
@@ -166,7 +165,6 @@ def test_stop_tokens_include_the_chat_templates_end_of_turn(tmp_path):
     """A base model (Qwen2.5) ends its text with <|endoftext|> but a chat turn with <|im_end|>."""
     tok = _tokenizer(tmp_path, "<|endoftext|>")
     im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    assert grpo.end_of_turn_token_id(tok) == im_end
     assert ev.stop_token_ids(str(tmp_path), tok) == sorted([im_end, endoftext])
 
 
@@ -181,7 +179,6 @@ def test_stop_tokens_add_the_generation_configs_eos(tmp_path):
 
 def test_stop_tokens_without_a_chat_template_are_the_eos(tmp_path):
     tok = _tokenizer(tmp_path, "<|endoftext|>", chat_template=False)
-    assert grpo.end_of_turn_token_id(tok) is None
     assert ev.stop_token_ids(str(tmp_path), tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
 
 

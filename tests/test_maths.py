@@ -133,7 +133,7 @@ def test_prompt_indices_are_a_seeded_permutation_per_epoch():
 
 
 def test_collate_pads_prompts_left_and_completions_right():
-    b = grpo.collate([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0, device="cpu")
+    b = grpo.collate([[1, 2, 3], [4]], [[5], [6, 7]], device="cpu")
     assert b["input_ids"].tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert b["position_ids"][1].tolist()[2:] == [0, 1, 2]
@@ -148,7 +148,7 @@ def test_completion_logprobs_match_a_full_forward(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     prompts, completions = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
-    logp, ent = grpo.completion_logprobs(model, grpo.collate(prompts, completions, 0, "cpu"), 1.0, with_entropy=True)
+    logp, ent = grpo.completion_logprobs(model, grpo.collate(prompts, completions, "cpu"), 1.0, with_entropy=True)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
         ref = torch.log_softmax(logits, -1)[range(len(c)), c]

@@ -45,12 +45,11 @@ class PlainEngine:
 
 
 def plan_of(algo, rollout, args, seed):
-    """The update plan main() makes for this rollout: micro-batches balanced by tokens, prompt by prompt (6.7)."""
-    sizes = [len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-    return algo.update_plan(len(sizes), args, torch.Generator().manual_seed(seed), sizes, rollout.prompt_ids)
+    """The update plan main() makes for this rollout."""
+    return algo.update_plan(len(rollout.completion_ids), args, torch.Generator().manual_seed(seed))
 
 
-def rollout_of(algo, lengths, pad_id=0, seed=0):
+def rollout_of(algo, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = len(lengths)
     return make_rollout(
@@ -59,7 +58,6 @@ def rollout_of(algo, lengths, pad_id=0, seed=0):
         completion_ids=[torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths],
         advantages=torch.randn(n, generator=g),
         loss_mask=algo.completion_mask(lengths),
-        pad_id=pad_id,
     )
 
 
@@ -85,7 +83,7 @@ def test_padded_positions_never_reach_an_exp(algo, tiny_model, world_of_one, mon
     metrics = algo.Metrics()
     update_policy(algo, engine, rollout, plan, args, metrics)
     assert len(engine.grad_norms) == 4 and all(math.isfinite(g) and g > 0 for g in engine.grad_norms)
-    kl_sum, _ = metrics.sums["kl"]
+    kl_sum, _ = metrics["kl"]
     assert math.isfinite(kl_sum)
 
 
@@ -237,7 +235,7 @@ algo = __import__(sys.argv[1])
 algo.init_distributed()
 for ckpt in ("on", "off"):  # "off" last: DeepSpeed's patch of F.linear lasts for the process
     args = make_args(algo, model=sys.argv[2], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3)
-    algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10, packed=False)
+    algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
     print(ckpt, torch.nn.functional.linear is zero3_linear_wrap)
 """
 
@@ -254,16 +252,14 @@ def test_zero3_trains_with_plain_linear_under_checkpointing(algo, tiny_model, tm
 
 @each
 def test_decoder_layers_become_zero3_leaf_modules(algo, tiny_model):
-    """docs/algorithms.md (6.8): under ZeRO-3 each decoder layer is fetched and hooked as one unit; the packed
-    layout's attention is set on the model, the padded one keeps sdpa."""
+    """docs/algorithms.md (6.8): under ZeRO-3 each decoder layer is fetched and hooked as one unit."""
     from deepspeed.utils import z3_leaf_module
 
-    model = algo.load_model(make_args(algo, model=tiny_model, zero_stage=3), torch.float32, packed=True)
+    model = algo.load_model(make_args(algo, model=tiny_model, zero_stage=3), torch.float32)
     leaves = [type(m).__name__ for m in model.modules() if z3_leaf_module(m)]
     assert leaves == ["Qwen2DecoderLayer"] * model.config.num_hidden_layers
-    assert model.config._attn_implementation == algo.SHARED_PROMPT_ATTENTION
-    plain = algo.load_model(make_args(algo, model=tiny_model, zero_stage=2), torch.float32, packed=False)
-    assert not any(z3_leaf_module(m) for m in plain.modules()) and plain.config._attn_implementation == "sdpa"
+    plain = algo.load_model(make_args(algo, model=tiny_model, zero_stage=2), torch.float32)
+    assert not any(z3_leaf_module(m) for m in plain.modules())
 
 
 @each
@@ -355,123 +351,48 @@ def test_totals_add_up_over_calls_and_ranks(algo, world_of_one):
 
 
 @each
-def test_shared_prompts_give_the_padded_logprobs_and_gradient(algo, tiny_model, monkeypatch):
-    """docs/algorithms.md (6.7): each prompt once per micro-batch, its completions attending to it through
-    shared_prompt_attention's segments, gives the per-token log-probs, entropy and gradient of padded rows with fewer
-    positions computed; also when a prompt's completions are split over two micro-batches (a copy in each)."""
+def test_padded_rows_give_each_sequence_its_own_logprobs_and_gradient(algo, tiny_model, monkeypatch):
+    """A micro-batch of left-padded prompts and right-padded completions gives every sequence the log-probs, entropy
+    and gradient it has alone, unpadded; the rows of `micro_batch` are the rollout's."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(5, 200, (k,), generator=g).tolist() for k in (5, 3, 6)]
-    prompt_ids = [prompts[0]] * 4 + [prompts[1]] * 2 + [prompts[2]] + [list(prompts[0])]  # the last: equal, not same
     lengths = [7, 2, 5, 9, 1, 0, 4, 3]
+    prompt_ids = [torch.randint(5, 200, (k,), generator=g).tolist() for k in (5, 5, 3, 6, 1, 4, 5, 2)]
     rollout = make_rollout(algo, prompt_ids=prompt_ids,
                            completion_ids=[torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths],
                            advantages=torch.randn(8, generator=g), loss_mask=algo.completion_mask(lengths))
     weights = torch.randn(8, 9, generator=g)
     monkeypatch.setattr(algo, "LOGPROB_CHUNK", 4)
-    with pytest.raises(RuntimeError, match="set_attn_implementation"):  # plain sdpa would ignore the segments
-        rollout.packed = True
-        algo.completion_logprobs(model, rollout.micro_batch(list(range(8)), "cpu"), 0.8)
-    model.set_attn_implementation(algo.SHARED_PROMPT_ATTENTION)  # padded rows: its plain-sdpa path
     results = []
-    for share, parts in ((False, [range(8)]), (True, [range(8)]), (True, [range(3), range(3, 8)])):
-        rollout.packed = share
+    for parts in ([list(range(8))], [[i] for i in range(8)]):  # one padded micro-batch, or each sequence alone
         model.zero_grad()
-        logps, entropies, tokens = torch.zeros(8, 9), torch.zeros(8, 9), 0
+        logps, entropies = torch.zeros(8, 9), torch.zeros(8, 9)
         for ix in parts:
-            batch = rollout.micro_batch(list(ix), "cpu")
-            assert ("shared_prompts" in batch) == share
+            batch = rollout.micro_batch(ix, "cpu")
+            assert batch["tokens"] == sum(len(prompt_ids[i]) + lengths[i] for i in ix)
             logp, entropy = algo.completion_logprobs(model, batch, 0.8, with_entropy=True)
-            (logp * weights[list(ix), : logp.shape[1]] * batch["completion_mask"]).sum().backward()
-            logps[list(ix), : logp.shape[1]], entropies[list(ix), : logp.shape[1]] = logp.detach(), entropy.detach()
-            tokens += batch["tokens"]
-        results.append((logps, entropies, [p.grad.clone() for p in model.parameters()], tokens))
-    (a, ent_a, grad_a, padded), *shared = results
-    mask = algo.completion_mask(lengths).bool()
-    mask = torch.cat([mask, torch.zeros(8, 9 - mask.shape[1], dtype=torch.bool)], 1)
-    for b, ent_b, grad_b, _ in shared:
-        assert torch.allclose(a[mask], b[mask], atol=1e-5) and (b[~mask] == 0).all()
-        assert torch.allclose(ent_a[mask], ent_b[mask], atol=1e-4)
-        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grad_a, grad_b))
-    real = sum(len(p) for p in prompt_ids) + sum(lengths)
-    one_copy, two_copies = shared[0][3], shared[1][3]
-    assert padded == real and one_copy == real - 4 * 5 - 1 * 3  # prompt 0 once, not 5 times; prompt 1 once
-    assert two_copies == one_copy + 5  # prompt 0's completions in both micro-batches: a copy in each
+            (logp * weights[ix, : logp.shape[1]] * batch["completion_mask"]).sum().backward()
+            logps[ix, : logp.shape[1]], entropies[ix, : logp.shape[1]] = logp.detach(), entropy.detach()
+        results.append((logps, entropies, [p.grad.clone() for p in model.parameters()]))
+    (a, ent_a, grad_a), (b, ent_b, grad_b) = results
+    mask = torch.cat([algo.completion_mask(lengths), torch.zeros(8, 9 - max(lengths))], 1).bool()
+    assert torch.allclose(a[mask], b[mask], atol=1e-5) and torch.allclose(ent_a[mask], ent_b[mask], atol=1e-4)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(grad_a, grad_b))
+    assert a[mask].abs().min() > 0  # every completion token has a log-prob
 
 
 @each
-def test_shared_prompt_layout(algo):
-    """[prompt, its completions...] per prompt, end to end in one row: positions continue the prompt's in each
-    completion, the first token of each completion is predicted from the prompt's last position, and the attention
-    segments let each prompt see itself and each completion its prompt and itself, never later keys."""
-    batch = algo.pack([[1, 2], [3], [1, 2], [1, 2]], [[7, 8], [9, 4], [10], [11, 12]], 0, "cpu")
-    assert batch["input_ids"].tolist() == [[1, 2, 7, 8, 10, 11, 12, 3, 9, 4]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3, 0, 1, 2]]
-    assert batch["logit_index"].tolist() == [1, 2, 7, 8, 1, 1, 5]  # sequence by sequence
-    assert batch["tokens"] == 10 and batch["completion_mask"].tolist() == [[1, 1], [1, 1], [1, 0], [1, 1]]
-    (pq, pk, pm, preal), (cq, ck, cm, creal) = batch["shared_prompts"]
-
-    def seen(q, k, m, real):  # each real query position → the key positions it attends to
-        return {int(q[s, j]): sorted(int(k[s, x]) for x in range(k.shape[1]) if m[s, 0, j, x])
-                for s in range(q.shape[0]) for j in range(q.shape[1]) if real[s, j]}
-
-    assert seen(pq, pk, pm, preal) == {0: [0], 1: [0, 1], 7: [7]}
-    assert seen(cq, ck, cm, creal) == {2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 4], 5: [0, 1, 5], 6: [0, 1, 5, 6],
-                                       8: [7, 8], 9: [7, 8, 9]}
-    # every padded query slot sees a key (no empty softmax row), and the transformers mask stands in, one element
-    assert pm.any(-1).all() and cm.any(-1).all() and batch["attention_mask"].numel() == 1
-    assert algo.pack([[1, 2], [3]], [[7, 8], []], 0, "cpu")["tokens"] == 5  # an empty completion
-
-
-@each
-def test_shared_prompt_micro_batches_keep_a_prompts_completions_together(algo):
-    """With shared prompts a micro-batch computes each of its prompts once: the split cuts the sequences, prompt by
-    prompt, into consecutive runs of balanced cost, so 4 prompts × 8 completions in 4 micro-batches are 4 groups."""
-    prompt_ids = [[p] * (80 + 10 * p) for p in range(4) for _ in range(8)]
-    g = torch.Generator().manual_seed(0)
-    sizes = [len(p) + int(torch.randint(30, 65, (1,), generator=g)) for p in prompt_ids]
-    groups = algo.balanced_split(list(range(32)), sizes, 4, prompt_ids)
-    assert groups == [list(range(k * 8, k * 8 + 8)) for k in range(4)]
-    for parts in (3, 5, 32):  # cuts inside a group: every sequence once, no micro-batch empty, costs balanced
-        groups = algo.balanced_split(list(range(32)), sizes, parts, prompt_ids)
-        assert len(groups) == parts and all(groups) and sorted(i for mb in groups for i in mb) == list(range(32))
-        cost = [sum(sizes[i] for i in mb) - sum(len(prompt_ids[i]) for i in mb)
-                + sum(len(prompt_ids[i]) for i in {prompt_ids[i][0]: i for i in mb}.values()) for mb in groups]
-        assert max(cost) <= sum(cost) / parts + max(sizes)
-    args = make_args(algo, micro_batch_size=8, num_iterations=1)
-    assert algo.update_plan(32, args, torch.Generator(), sizes, prompt_ids)[0][0] == [list(range(k * 8, k * 8 + 8))
-                                                                                      for k in range(4)]
-
-
-@each
-def test_share_prompts_only_without_sliding_windows(algo):
-    """The shared-prompt mask replaces the model's own: exact only where that is plain causal."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    assert algo.prompt_sharing_unsupported(Qwen2Config()) is None
-    assert algo.prompt_sharing_unsupported(LlamaConfig()) is None
-    assert "sliding" in algo.prompt_sharing_unsupported(MistralConfig(sliding_window=4096))
-    assert "sliding" in algo.prompt_sharing_unsupported(
-        Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0, num_hidden_layers=2))
-    from transformers import Gemma3Config
-
-    assert "sliding" in algo.prompt_sharing_unsupported(Gemma3Config())  # its text config holds the layers
-
-
-@each
-def test_micro_batches_balance_tokens(algo):
-    sizes, prompts = [100, 10, 90, 20, 80, 30, 70, 40], [[i] for i in range(8)]  # a prompt each
-    groups = algo.balanced_split(list(range(8)), sizes, 2, prompts)
-    assert sorted(i for g in groups for i in g) == list(range(8))
-    loads = [sum(sizes[i] for i in g) for g in groups]
-    assert max(loads) - min(loads) <= 10
-    args = make_args(algo, micro_batch_size=2, num_iterations=1)
-    plan = algo.update_plan(8, args, torch.Generator(), sizes, prompts)
-    assert len(plan[0][0]) == 4 and sorted(i for mb in plan[0][0] for i in mb) == list(range(8))
-    loads = [sum(sizes[i] for i in mb) for mb in plan[0][0]]
-    assert max(loads) - min(loads) <= 20
-    sizes[0] = 400  # one long sequence: it gets a micro-batch of its own
-    assert [0] in algo.update_plan(8, args, torch.Generator(), sizes, prompts)[0][0]
+def test_update_plan_cuts_each_pass_into_optimizer_steps_and_micro_batches(algo):
+    """plan[pass][optimizer step][micro-batch]: consecutive runs of the order, shuffled per pass only when the policy
+    moves within the step (μ × mini-batches > 1), every completion once per pass."""
+    args = make_args(algo, micro_batch_size=2, num_iterations=1, num_mini_batches=1)
+    assert algo.update_plan(8, args, torch.Generator()) == [[[[0, 1], [2, 3], [4, 5], [6, 7]]]]
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, num_mini_batches=2)
+    plan = algo.update_plan(8, args, torch.Generator().manual_seed(0))
+    assert [[len(mb) for mb in step] for p in plan for step in p] == [[2, 2]] * 4
+    for p in plan:
+        assert sorted(i for step in p for mb in step for i in mb) == list(range(8))
+    assert plan[0] != plan[1]  # a new order per pass
 
 
 @each
@@ -492,14 +413,14 @@ def test_no_optimizer_step_without_signal(algo, tiny_model, world_of_one, skip):
         metrics = algo.Metrics()
         update_policy(algo, engine, rollout, plan, args, metrics)
         skipped = 2 if skip and not signal else 0
-        assert metrics.sums["update/skipped_steps"] == (skipped, 1.0)
+        assert metrics["update/skipped_steps"] == (skipped, 1.0)
         assert len(engine.grad_norms) == 2 * (2 - skipped)
         if not signal and not skip and algo.__name__ in ("agpo_adaptive", "a_grpo"):
             assert min(engine.grad_norms) > 0
     rollout.loss_mask = torch.zeros_like(rollout.loss_mask)  # no token in the loss: no step, with or without the flag
     metrics = algo.Metrics()
     update_policy(algo, engine, rollout, plan, args, metrics)
-    assert metrics.sums["update/skipped_steps"] == (2, 1.0) and len(engine.grad_norms) == 4
+    assert metrics["update/skipped_steps"] == (2, 1.0) and len(engine.grad_norms) == 4
 
 
 @each
