@@ -55,7 +55,8 @@ def run_grpo(args: Args) -> dict:
 def plain_fwd_bwd(args: Args, real_tokens: int) -> dict:
     """The yardstick of the update: a plain transformers model (no DeepSpeed, no log-prob code of ours) doing
     forward + causal-LM loss + backward + AdamW on `real_tokens` random tokens in padding-free rows of sequences shaped
-    like a step's (prompts of 80-160 tokens, completions up to the limit), in a subprocess with the same threads."""
+    like a step's (prompts of 80-160 tokens, completions up to the limit), --micro-batch-size sequences per forward and
+    backward, in a subprocess with the same threads."""
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {os.path.join(ROOT, "bench")!r})
@@ -70,12 +71,15 @@ while total < {real_tokens}:  # sequences until the step's real tokens are reach
     c = torch.randint(100, 40000, (int(torch.randint(30, {args.max_completion_length} + 1, (1,), generator=g)),),
                       generator=g).tolist()
     prompts.append(p); comps.append(c); total += len(p) + len(c)
-batch = {{k: torch.tensor(v) for k, v in padding_free_rows(prompts, comps).items()}}  # padding-free rows
+mb = {args.micro_batch_size}  # sequences per forward + backward, as in grpo.py's update
+batches = [{{k: torch.tensor(v) for k, v in padding_free_rows(prompts[s : s + mb], comps[s : s + mb]).items()}}
+           for s in range(0, len(prompts), mb)]  # padding-free rows
 times = []
 for _ in range(4):
     t = time.perf_counter()
-    out = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["input_ids"])
-    out.loss.backward()
+    for batch in batches:
+        out = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["input_ids"])
+        out.loss.backward()
     opt.step(); opt.zero_grad()
     times.append(time.perf_counter() - t)
 print(json.dumps({{"seconds": sorted(times[1:])[1], "real_tokens": total, "threads": torch.get_num_threads()}}))
