@@ -606,7 +606,7 @@ def completion_mask(lengths: list) -> torch.Tensor:
 
 
 def update_plan(n: int, args: Args, shuffle_generator: torch.Generator) -> list:
-    """plan[pass][optimizer step][micro-batch] → completion indices; shuffled per pass if μ × mini-batches > 1 (6.1)."""
+    """plan[pass][optimizer step][micro-batch] → completion indices, shuffled per pass when the policy moves (6.1)."""
     shuffle = args.num_iterations * args.num_mini_batches > 1
     mini, micro = n // args.num_mini_batches, args.micro_batch_size
     plan = []
