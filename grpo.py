@@ -299,22 +299,24 @@ def score(reward_funcs: list, names: list, examples: list, completions: list, co
 
 
 # ---- Generation and weight sync --------------------------------------------------------------------------------------
-def request_seed(seed: int, round_id: int, rank: int, i: int) -> int:
-    """Per-request sampling seed: generation is a function of (weights, seed, round), so --resume is exact (6.5)."""
-    return (seed * 1_000_003 + round_id * 10_007 + rank * 101 + i) % (2**31)
+STREAMS = ("generate", "shuffle")  # what draws random numbers; each use has streams of its own (6.5)
 
 
-def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, temperatures: list, round_id: int,
+def stream_seed(seed: int, use: str, round_id: int, rank: int) -> int:
+    """(6.5): a 64-bit seed per (seed, use, round, rank), hashed: distinct keys give unrelated random streams."""
+    return int(np.random.SeedSequence([seed, STREAMS.index(use), round_id, rank]).generate_state(1, np.uint64)[0])
+
+
+def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, temperatures: list, seed: int,
                      args: Args, stop_ids: list):
-    """G completions per example in one engine call, each example at its own temperature and seed: (token ids, hit the
+    """G completions per example in one engine call, each example at its own temperature: (token ids, hit the
     length limit) pairs, their text, the rewards [F, n] (NaN: cannot score) and the seconds spent generating."""
     from vllm import SamplingParams
 
     t0 = time.perf_counter()
-    seeds = [request_seed(args.seed, round_id, dist.get_rank(), i) for i in range(len(examples))]
-    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, seed=s,
-                             max_tokens=args.max_completion_length, stop_token_ids=stop_ids)
-              for t, s in zip(temperatures, seeds)]
+    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p,
+                             max_tokens=args.max_completion_length, stop_token_ids=stop_ids) for t in temperatures]
+    torch.manual_seed(seed)  # (6.5): no request has a seed; one batched draw gives every completion its own stream
     outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in examples], params, use_tqdm=False)
     generated = [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
     seconds = time.perf_counter() - t0
@@ -594,8 +596,8 @@ def validate(args: Args, world: int) -> None:
         problems.append("--beta must be >= 0, --learning-rate > 0 and --warmup-ratio in [0, 1)")
     if min(args.max_prompt_length, args.max_completion_length, args.total_steps, args.num_iterations) < 1:
         problems.append("--max-prompt-length, --max-completion-length, --total-steps and --num-iterations must be >= 1")
-    if min(args.save_steps, args.max_generated_tokens) < 0:
-        problems.append("--save-steps and --max-generated-tokens must be >= 0")
+    if min(args.seed, args.save_steps, args.max_generated_tokens) < 0:
+        problems.append("--seed, --save-steps and --max-generated-tokens must be >= 0")
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
         problems.append(f"--vllm-gpu-memory-utilization {args.vllm_gpu_memory_utilization} must be in (0, 1]")
     if problems:
@@ -822,8 +824,8 @@ def main() -> None:
         state["data_pos"] += args.prompts_per_step
         batch_examples = [examples[i] for i in idx]
         generated, completions, values, time_generate = sample_and_score(  # values: [F, n]
-            llm, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts, round_id, args,
-            stop_ids)
+            llm, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts,
+            stream_seed(args.seed, "generate", round_id, rank), args, stop_ids)
         step_metrics.add_total("tokens/generated_step", sum(len(c) for c, _ in generated))
         add("time/generate", time_generate)  # the mean over ranks, as every time/*
         if on_gpu:
@@ -841,7 +843,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rollout = Rollout(prompt_ids=[e["prompt_ids"] for e in batch_examples for _ in range(G)],
                           completion_ids=completion_ids, advantages=advantages.float(), loss_mask=loss_mask)
-        shuffle_generator = torch.Generator().manual_seed(request_seed(args.seed, step, rank, 7))
+        shuffle_generator = torch.Generator().manual_seed(stream_seed(args.seed, "shuffle", step, rank))
         plan = update_plan(len(completion_ids), args, shuffle_generator)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)
         add("time/logprobs", time.perf_counter() - t0)

@@ -94,8 +94,9 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         prompts = [examples[i]["prompt_ids"] for i in idx]
         t = time.perf_counter()
         params = [SamplingParams(n=args.num_generations, temperature=gargs.temperature, top_p=gargs.top_p,
-                                 seed=grpo.request_seed(gargs.seed, step, 0, i), max_tokens=args.max_completion_length,
-                                 stop_token_ids=stop) for i in range(len(prompts))]  # the trainer's requests
+                                 max_tokens=args.max_completion_length, stop_token_ids=stop)
+                  for _ in prompts]  # the trainer's requests
+        torch.manual_seed(grpo.stream_seed(gargs.seed, "generate", step, 0))  # the trainer's seeding
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         gen_t.append(time.perf_counter() - t)
         comps = [list(o.token_ids) for out in outs for o in out.outputs]

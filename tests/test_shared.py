@@ -8,12 +8,14 @@ import contextlib
 import importlib
 import inspect
 import io
+import json
 import math
 import os
 
 import pytest
 import torch
-from conftest import ALGORITHMS, FAKE_VLLM, ROOT, build_tiny_model, make_args, make_rollout, run_script, update_policy
+from conftest import (ALGORITHMS, FAKE_VLLM, ROOT, build_tiny_model, make_args, make_rollout, run_script, update_policy,
+                      vllm_importable)
 from transformers import AutoModelForCausalLM
 
 import eval as ev
@@ -302,8 +304,9 @@ def test_reward_function_output_is_checked(algo, bad, needle):
 
 
 def test_the_stand_in_engine_samples_as_vllm_does(tiny_model):
-    """tests/fake_vllm: a request's seed fixes its completions, stop tokens end them (kept), and a completion
-    that reaches max_tokens ends with "length"."""
+    """tests/fake_vllm: a request's seed fixes its completions (child j samples with seed + j), unseeded requests
+    share the process's stream, stop tokens end them (kept), and a completion that reaches max_tokens ends with
+    "length"."""
     spec = importlib.util.spec_from_file_location("fake_vllm", os.path.join(FAKE_VLLM, "vllm", "__init__.py"))
     fake = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fake)
@@ -312,6 +315,10 @@ def test_the_stand_in_engine_samples_as_vllm_does(tiny_model):
     params = [fake.SamplingParams(n=4, temperature=t, seed=s, max_tokens=8) for t, s in ((1.0, 1), (1.0, 1), (1.0, 2))]
     a, b, c = ([o.token_ids for o in out.outputs] for out in llm.generate(prompts, params))
     assert a == b and a != c and all(len(x) == 8 for x in a)
+    assert a[1:] == c[:3]  # vLLM's rule: child j + 1 of seed 1 samples as child j of seed 2
+    unseeded = [o.token_ids for out in llm.generate(prompts[:2], fake.SamplingParams(n=4, max_tokens=8))
+                for o in out.outputs]
+    assert len(set(map(tuple, unseeded))) == 8  # one process-wide stream: every completion its own draws
     stop = [a[0][3]]  # a token the seed-1 completions sample at position 3
     out = llm.generate(prompts[:1], [fake.SamplingParams(n=4, seed=1, max_tokens=8, stop_token_ids=stop)])[0].outputs
     assert out[0].token_ids == a[0][: a[0].index(stop[0]) + 1] and out[0].finish_reason == "stop"
@@ -449,3 +456,45 @@ def test_a_step_with_a_signal_is_the_same_with_or_without_the_skip(algo, tiny_mo
         update_policy(algo, engine, rollout, plan, args, algo.Metrics())
         norms.append(engine.grad_norms)
     assert len(norms[0]) == 4 and norms[0] == norms[1]
+
+
+class RecordingEngine:
+    """vLLM's generate, recorded: each request's sampling parameters and the torch seed in force at the call."""
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.params, self.torch_seed = params, torch.initial_seed()
+        out = type("O", (), {"token_ids": [7], "finish_reason": "stop"})
+        return [type("R", (), {"outputs": [out] * len(prompts)})() for _ in prompts]
+
+    class Tokenizer:
+        def batch_decode(self, ids, skip_special_tokens):
+            return ["7"] * len(ids)
+
+
+@each
+def test_every_completion_of_a_run_at_scale_draws_its_own_stream(algo):
+    """docs/algorithms.md (6.5): no request carries a seed (vLLM gives child j of a seeded request seed + j, which
+    collided with child j − 1 of the next prompt), and every engine call and shuffle of 1,024 ranks × 2 steps, probes
+    included, is seeded with a seed of its own; within a call vLLM's one batched draw serves every row."""
+    seeds = {algo.stream_seed(1, use, step, rank) for use in algo.STREAMS for step in range(2) for rank in range(1024)}
+    assert len(seeds) == len(algo.STREAMS) * 2 * 1024
+    engine, args = RecordingEngine(), make_args(algo, num_generations=16, reward_funcs=["zero"])
+    examples = [{"prompt": "p", "prompt_ids": [5, 6], "answer": "7"}] * 128
+    zero = lambda completions, **_: [0.0] * len(completions)  # noqa: E731
+    seed = algo.stream_seed(args.seed, "generate", 1, 1023)
+    algo.sample_and_score(engine, engine.Tokenizer(), [zero], examples, [1.0] * 128, seed, args, [9])
+    assert engine.torch_seed == seed and all(p.seed is None and p.n == 16 for p in engine.params)
+
+
+@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+def test_identical_prompts_get_distinct_completions_from_vllm(tiny_model, tmp_path):
+    """tests/stream_check.py: with 4 identical prompts × G 4, real vLLM gives 16 distinct completions in every
+    script (with a seed per request, completion j + 1 of prompt i equalled completion j of prompt i + 1)."""
+    out = str(tmp_path / "streams.json")
+    run_script([os.path.join(ROOT, "tests", "stream_check.py"), tiny_model, out], cwd=str(tmp_path))
+    with open(out) as f:
+        completions = json.load(f)
+    assert set(completions) == set(ALGORITHMS)
+    for name, ids in completions.items():
+        assert len(ids) == 16 and all(len(c) > 0 for c in ids), name
+        assert len({tuple(c) for c in ids}) == 16, name

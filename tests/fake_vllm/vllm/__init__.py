@@ -2,8 +2,9 @@
 SamplingParams per prompt, collective_rpc("reload_weights"), sleep, wake_up), so a script runs unchanged where
 vLLM is not installed (the GPU machine: `PYTHONPATH=tests/fake_vllm`) and the tiny-model tests run fast.
 
-Sampling follows vLLM's: the request's temperature, then top-p, no top-k, the request's seed, stop at any
-stop token (kept), finish_reason "length" when max_tokens ran out. The engine holds its own copy of the model;
+Sampling follows vLLM's: the request's temperature, then top-p, no top-k, stop at any
+stop token (kept), finish_reason "length" when max_tokens ran out; an unseeded request draws from the process's
+random state, child j of a request with seed s samples with s + j. The engine holds its own copy of the model;
 reload_weights copies the trainer's weights into it, so a test through this engine also checks the sync's names.
 """
 
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 
 class SamplingParams:
-    def __init__(self, n=1, temperature=1.0, top_p=1.0, seed=0, max_tokens=16, stop_token_ids=(), **_):
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, seed=None, max_tokens=16, stop_token_ids=(), **_):
         self.n, self.temperature, self.top_p, self.seed = n, temperature, top_p, seed
         self.max_tokens, self.stop_token_ids = max_tokens, list(stop_token_ids or [])
 
@@ -31,18 +32,27 @@ class LLM:
 
     def _sample(self, prompt_ids: list, p: SamplingParams):
         ids = torch.tensor([prompt_ids], device=self.device)  # [1, P]
-        with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
-            torch.manual_seed(p.seed)  # the trainer's own random state is left as it was
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                      temperature=p.temperature, top_p=p.top_p, top_k=0, max_new_tokens=p.max_tokens,
-                                      num_return_sequences=p.n, eos_token_id=p.stop_token_ids or None,
-                                      pad_token_id=(p.stop_token_ids or [0])[0])  # [n, P + new]
+        if p.seed is None:  # vLLM: unseeded requests draw from the process's random state
+            out = self._generate(ids, p, p.n)  # [n, P + new]
+        else:  # vLLM: child j of a seeded request samples with seed + j, the caller's random state left as it was
+            out = []
+            for j in range(p.n):
+                with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
+                    torch.manual_seed(p.seed + j)
+                    out.append(self._generate(ids, p, 1))
+            out = torch.nn.utils.rnn.pad_sequence([o[0] for o in out], batch_first=True)  # [n, P + new]
         completions = []
         for row in out[:, len(prompt_ids):].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in p.stop_token_ids), None)
             completions.append(SimpleNamespace(token_ids=row[:cut] if cut else row,
                                                finish_reason="stop" if cut else "length"))
         return SimpleNamespace(outputs=completions)
+
+    def _generate(self, ids, p: SamplingParams, n: int):
+        return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                   temperature=p.temperature, top_p=p.top_p, top_k=0, max_new_tokens=p.max_tokens,
+                                   num_return_sequences=n, eos_token_id=p.stop_token_ids or None,
+                                   pad_token_id=(p.stop_token_ids or [0])[0])  # [n, P + new]
 
     @torch.no_grad()
     def collective_rpc(self, method, kwargs=None):
