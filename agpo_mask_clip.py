@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import tyro
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.linear import zero3_linear_wrap
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -350,7 +351,8 @@ def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, tempera
     t0 = time.perf_counter()
     params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p,
                              max_tokens=args.max_completion_length, stop_token_ids=stop_ids) for t in temperatures]
-    torch.manual_seed(seed)  # (6.5): no request has a seed; one batched draw gives every completion its own stream
+    torch.manual_seed(seed)  # (6.5): no request has a seed; vLLM draws every row's noise (V1 runner) or seed
+    np.random.seed([seed % 2**32, seed >> 32])  # (V2 runner, GPUs) from these generators, seeded per call
     outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in examples], params, use_tqdm=False)
     generated = [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
     seconds = time.perf_counter() - t0
@@ -662,7 +664,7 @@ def deepspeed_config(args: Args, on_gpu: bool, grad_accum: int) -> dict:
         "zero_optimization": {
             "stage": args.zero_stage,
             "stage3_gather_16bit_weights_on_model_save": True,
-            "memory_efficient_linear": args.gradient_checkpointing != "on",  # (6.8)
+            "memory_efficient_linear": False,  # (6.8): DeepSpeed's switch replaces F.linear for vLLM too
         },
         "bf16": {"enabled": on_gpu},  # CPU kernels train in fp32
         "zero_allow_untested_optimizer": True,
@@ -691,6 +693,10 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
 
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
     policy = load_model(args, dtype)
+    if args.zero_stage == 3 and args.gradient_checkpointing != "on":  # (6.8): the memory-efficient Linear, policy only
+        for m in policy.modules():
+            if type(m) is torch.nn.Linear:
+                m.forward = lambda x, m=m: zero3_linear_wrap(x, m.weight, m.bias)
     if args.gradient_checkpointing == "on":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -928,6 +934,7 @@ def main() -> None:
             llm.wake_up(tags=["weights"])
         sync_weights_to_vllm(engine.module, llm)
         if on_gpu:
+            torch.cuda.empty_cache()  # the sync's gathered buckets go back before vLLM maps its KV cache
             llm.wake_up(tags=["kv_cache"])
         add("time/weight_sync", time.perf_counter() - t0)
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import tyro
 from common import ROOT, RunShape, read_metrics, run_dir_of, run_logged, script_command, with_pythonpath
@@ -96,7 +97,9 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         params = [SamplingParams(n=args.num_generations, temperature=gargs.temperature, top_p=gargs.top_p,
                                  max_tokens=args.max_completion_length, stop_token_ids=stop)
                   for _ in prompts]  # the trainer's requests
-        torch.manual_seed(grpo.stream_seed(gargs.seed, "generate", step, 0))  # the trainer's seeding
+        seed = grpo.stream_seed(gargs.seed, "generate", step, 0)
+        torch.manual_seed(seed)  # the trainer's seeding
+        np.random.seed([seed % 2**32, seed >> 32])
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         gen_t.append(time.perf_counter() - t)
         comps = [list(o.token_ids) for out in outs for o in out.outputs]

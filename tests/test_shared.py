@@ -12,6 +12,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import (ALGORITHMS, FAKE_VLLM, ROOT, build_tiny_model, make_args, make_rollout, run_script, update_policy,
@@ -220,36 +221,54 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32(algo):
 
 
 @each
-def test_memory_efficient_linear_only_without_checkpointing(algo):
-    """docs/algorithms.md (6.8): a plain F.linear keeps gathered ZeRO-3 weights until the backward, which only
-    checkpointing bounds to one layer."""
-    for ckpt, efficient in (("on", False), ("off", True)):
+def test_deepspeeds_switch_never_replaces_f_linear(algo):
+    """docs/algorithms.md (6.8): DeepSpeed's memory_efficient_linear replaces F.linear for the whole process, the
+    colocated vLLM engine's too, so it is always off; the policy's own Linear layers take its place."""
+    for ckpt in ("on", "off"):
         config = algo.deepspeed_config(algo.Args(gradient_checkpointing=ckpt), on_gpu=True, grad_accum=1)
-        assert config["zero_optimization"]["memory_efficient_linear"] is efficient, ckpt
+        assert config["zero_optimization"]["memory_efficient_linear"] is False, ckpt
 
 
 LINEAR_CHECK = """
 import sys, torch
 import deepspeed
-from deepspeed.runtime.zero.linear import zero3_linear_wrap
+from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
 from conftest import make_args
 algo = __import__(sys.argv[1])
 algo.init_distributed()
-for ckpt in ("on", "off"):  # "off" last: DeepSpeed's patch of F.linear lasts for the process
-    args = make_args(algo, model=sys.argv[2], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3)
-    algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
-    print(ckpt, torch.nn.functional.linear is zero3_linear_wrap)
+linear, calls, apply = torch.nn.functional.linear, [], LinearFunctionForZeroStage3.apply
+LinearFunctionForZeroStage3.apply = lambda *a: calls.append(1) or apply(*a)
+batch = algo.collate([[5, 6, 7]], [[8, 9]], "cpu")
+for ckpt in ("on", "off"):
+    args = make_args(algo, model=sys.argv[2], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3,
+                     max_prompt_length=32, max_completion_length=8, num_generations=2, prompts_per_step=1)
+    engine, ref_engine = algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
+    for name, model in (("policy", engine), ("reference", ref_engine)):
+        if model is not None:
+            del calls[:]
+            algo.completion_logprobs(model, batch, 1.0)
+            print(ckpt, name, "memory-efficient" if calls else "plain", torch.nn.functional.linear is linear)
+if sys.argv[3:] == ["vllm"]:
+    from vllm import SamplingParams
+    llm = algo.setup_vllm(args, 0, torch.float32, False)
+    del calls[:]
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=8), use_tqdm=False)
+    print("vllm", "memory-efficient" if calls else "plain", torch.nn.functional.linear is linear)
 """
 
 
 @each
-def test_zero3_trains_with_plain_linear_under_checkpointing(algo, tiny_model, tmp_path):
-    """docs/algorithms.md (6.8): neither the policy nor the reference (β > 0) makes DeepSpeed replace F.linear
-    (process-wide) with its slower memory-efficient Linear when checkpointing is on; without it, it does."""
+def test_only_the_policy_without_checkpointing_runs_the_memory_efficient_linear(algo, tiny_model, tmp_path):
+    """docs/algorithms.md (6.8): under ZeRO-3 the policy's Linear layers run DeepSpeed's memory-efficient Linear
+    without checkpointing and plain F.linear with it; the reference (β > 0) and vLLM's engine never do, and
+    F.linear itself is never replaced (before, DeepSpeed replaced it process-wide when checkpointing was off)."""
     script = tmp_path / "linear_check.py"
     script.write_text(LINEAR_CHECK)
-    out = run_script([str(script), algo.__name__, tiny_model], cwd=str(tmp_path)).stdout
-    assert "on False" in out and "off True" in out, out
+    with_vllm = ["vllm"] if algo.__name__ == "grpo" and vllm_importable() else []
+    out = run_script([str(script), algo.__name__, tiny_model, *with_vllm], cwd=str(tmp_path)).stdout
+    assert "on policy plain True" in out and "off policy memory-efficient True" in out, out
+    assert "reference" not in out or ("on reference plain True" in out and "off reference plain True" in out), out
+    assert not with_vllm or "vllm plain True" in out, out
 
 
 @each
@@ -459,10 +478,11 @@ def test_a_step_with_a_signal_is_the_same_with_or_without_the_skip(algo, tiny_mo
 
 
 class RecordingEngine:
-    """vLLM's generate, recorded: each request's sampling parameters and the torch seed in force at the call."""
+    """vLLM's generate, recorded: each request's sampling parameters, and a draw from the torch and numpy generators
+    that vLLM's samplers read for unseeded requests."""
 
     def generate(self, prompts, params, use_tqdm=False):
-        self.params, self.torch_seed = params, torch.initial_seed()
+        self.params, self.draws = params, (torch.randint(2**62, ()).item(), np.random.randint(2**62))
         out = type("O", (), {"token_ids": [7], "finish_reason": "stop"})
         return [type("R", (), {"outputs": [out] * len(prompts)})() for _ in prompts]
 
@@ -481,9 +501,13 @@ def test_every_completion_of_a_run_at_scale_draws_its_own_stream(algo):
     engine, args = RecordingEngine(), make_args(algo, num_generations=16, reward_funcs=["zero"])
     examples = [{"prompt": "p", "prompt_ids": [5, 6], "answer": "7"}] * 128
     zero = lambda completions, **_: [0.0] * len(completions)  # noqa: E731
-    seed = algo.stream_seed(args.seed, "generate", 1, 1023)
-    algo.sample_and_score(engine, engine.Tokenizer(), [zero], examples, [1.0] * 128, seed, args, [9])
-    assert engine.torch_seed == seed and all(p.seed is None and p.n == 16 for p in engine.params)
+    draws = []
+    for seed in (algo.stream_seed(args.seed, "generate", 1, 1023), algo.stream_seed(args.seed, "shuffle", 1, 1023)) * 2:
+        algo.sample_and_score(engine, engine.Tokenizer(), [zero], examples, [1.0] * 128, seed, args, [9])
+        assert all(p.seed is None and p.n == 16 for p in engine.params)
+        draws.append(engine.draws)
+    assert draws[0] == draws[2] and draws[1] == draws[3]  # the call's seed sets both generators
+    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
 
 
 @pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
