@@ -15,7 +15,6 @@ import math
 import multiprocessing
 import statistics
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Optional
@@ -128,11 +127,16 @@ def answer_key(completion: str, last_number_fallback: bool = False) -> Optional[
 
 
 def majority_correct(completions: list, gold: str, last_number_fallback: bool = False) -> bool:
-    """maj@n: the most frequent answer (first seen wins ties; no answer never wins) is correct."""
-    keys = [k for k in (answer_key(c, last_number_fallback) for c in completions) if k is not None]
-    if not keys:
-        return False
-    return rewards.is_correct(Counter(keys).most_common(1)[0][0], gold)
+    r"""maj@n: the most frequent answer is correct. Answers vote in classes of equal ones: an answer joins the first
+    class whose first answer rewards.is_correct holds equal to it (0.5 and \frac{1}{2}; one over
+    MAX_ANSWER_CHARS only by its text, unparsed); the first seen wins ties; no answer never wins."""
+    votes = {}  # a class's first answer -> its size
+    for key in (answer_key(c, last_number_fallback) for c in completions):
+        if key is not None:
+            same = (f for f in votes if key == f or (len(f) <= rewards.MAX_ANSWER_CHARS and rewards.is_correct(key, f)))
+            first = next(same, key)
+            votes[first] = votes.get(first, 0) + 1
+    return bool(votes) and rewards.is_correct(max(votes, key=votes.get), gold)
 
 
 def ks_for(n: int) -> list[int]:

@@ -34,6 +34,20 @@ def test_majority_vote():
     assert ev.majority_correct(["\\boxed{3}", "\\boxed{4}"], "3")  # a tie goes to the first seen
 
 
+def boxed(*answers):
+    return ["\\boxed{%s}" % a for a in answers]
+
+
+def test_majority_vote_counts_equal_answers_together():
+    """Answers the correctness reward holds equal vote together (0.5 and \\frac{1}{2} split the vote before)."""
+    assert ev.majority_correct(boxed("3", "0.5", "\\frac{1}{2}"), "1/2")
+    assert ev.majority_correct(boxed("7", "18", "18.00", "\\$18", "7"), "18")
+    assert not ev.majority_correct(boxed("4", "3", "4", "\\frac{6}{2}", "4"), "3")  # equal strings still together
+    assert not ev.majority_correct(boxed("x" * 300, "3", "x" * 300), "3")  # over-long ones too, by their text
+    assert ev.majority_correct(boxed("0.5", "3", "\\frac{1}{2}", "3"), "1/2")  # a tie goes to the first seen
+    assert not ev.majority_correct(boxed("3", "0.5", "\\frac{1}{2}", "3"), "1/2")
+
+
 def test_summary_numbers():
     problems = [
         {"lengths": [10, 20], "correct": [True, False], "majority_correct": True},
