@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Optional
 
+import numpy as np
 import torch
 import tyro
 from tqdm import tqdm
@@ -304,8 +305,17 @@ def length_error(model: str, config, tokenizer, longest: dict, args: Args) -> Op
 # --- generation ---------------------------------------------------------------------------------
 
 
-def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list) -> list:
-    """One batched call per data set: n completions per prompt as (token ids, text). A completion
+def seed_call(args: Args, index: int) -> None:
+    """Seeds the generation call of data set `index` (a seed per data set, a function of --seed): requests carry no
+    seed (vLLM gave child j of every request seed + j, one stream per sample index), so vLLM's V1 model runner draws
+    every row's noise from this process's torch generator and the V2 runner every request's seed from numpy's."""
+    seed = int(np.random.SeedSequence([args.seed, index]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list, index: int) -> list:
+    """One batched call for data set `index`: n completions per prompt as (token ids, text). A completion
     that ends at a stop id keeps it among its token ids (vLLM treats stop_token_ids as it does EOS:
     the id is counted, only its text is left out), as generate_hf does."""
     from vllm import SamplingParams
@@ -315,9 +325,9 @@ def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list) -> list:
         temperature=args.temperature,
         top_p=args.top_p,
         max_tokens=args.max_tokens,
-        seed=args.seed,
         stop_token_ids=stop_ids,
     )
+    seed_call(args, index)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=True)
     return [[(list(o.token_ids), o.text) for o in out.outputs] for out in outs]
 
@@ -340,7 +350,7 @@ def vllm_samples(model_name: str, prompt_ids: dict, args: Args, stop_ids: list) 
         gpu_memory_utilization=memory,
         enable_chunked_prefill=None if torch.cuda.is_available() else False,
     )
-    return {name: generate_vllm(engine, ids, args, stop_ids) for name, ids in prompt_ids.items()}
+    return {name: generate_vllm(engine, ids, args, stop_ids, i) for i, (name, ids) in enumerate(prompt_ids.items())}
 
 
 def hf_samples(model_name: str, tokenizer, prompt_ids: dict, args: Args, stop_ids: list) -> dict:
@@ -351,13 +361,16 @@ def hf_samples(model_name: str, tokenizer, prompt_ids: dict, args: Args, stop_id
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     model.to(device).eval()
-    return {name: generate_hf(model, tokenizer, ids, args, stop_ids) for name, ids in prompt_ids.items()}
+    return {
+        name: generate_hf(model, tokenizer, ids, args, stop_ids, i) for i, (name, ids) in enumerate(prompt_ids.items())
+    }
 
 
 @torch.no_grad()
-def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list) -> list:
-    """As generate_vllm, with transformers: a completion is cut after its first stop id."""
-    torch.manual_seed(args.seed)
+def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list, index: int) -> list:
+    """As generate_vllm, with transformers (every row its own draws from one stream): a completion is cut after its
+    first stop id."""
+    seed_call(args, index)
     pad = tokenizer.pad_token_id
     greedy = args.temperature == 0
     config = GenerationConfig(
