@@ -340,16 +340,7 @@ def vllm_samples(model_name: str, prompt_ids: dict, args: Args, stop_ids: list) 
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     memory = args.vllm_gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.3)
-    # chunked prefill off on CPU: vLLM 0.32's CPU build crashes on a seeded request whose
-    # prefill is chunked ("CPU Generator does not use offset")
-    engine = LLM(
-        model=model_name,
-        dtype=dtype,
-        seed=args.seed,
-        generation_config="vllm",
-        gpu_memory_utilization=memory,
-        enable_chunked_prefill=None if torch.cuda.is_available() else False,
-    )
+    engine = LLM(model=model_name, dtype=dtype, seed=args.seed, generation_config="vllm", gpu_memory_utilization=memory)
     return {name: generate_vllm(engine, ids, args, stop_ids, i) for i, (name, ids) in enumerate(prompt_ids.items())}
 
 

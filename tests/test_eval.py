@@ -242,9 +242,9 @@ def test_end_to_end_vllm(tiny_model, tmp_path):
 
 
 @pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
-def test_vllm_seeded_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
-    """Seeded requests whose prefill vLLM would chunk crashed vLLM 0.32's CPU build ("CPU
-    Generator does not use offset"); the scripts turn chunked prefill off on CPU."""
+def test_vllm_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
+    """Seeded requests whose prefill vLLM chunks crashed vLLM 0.32's CPU build ("CPU Generator does not use offset",
+    a per-request generator's offset moved back for a partial prefill); eval's requests carry no seed."""
     filler = " and then one more apple" * 30
     data = write_jsonl(
         str(tmp_path / "long.jsonl"),
