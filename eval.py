@@ -15,11 +15,11 @@ import math
 import multiprocessing
 import statistics
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Optional
 
+import numpy as np
 import torch
 import tyro
 from tqdm import tqdm
@@ -128,11 +128,16 @@ def answer_key(completion: str, last_number_fallback: bool = False) -> Optional[
 
 
 def majority_correct(completions: list, gold: str, last_number_fallback: bool = False) -> bool:
-    """maj@n: the most frequent answer (first seen wins ties; no answer never wins) is correct."""
-    keys = [k for k in (answer_key(c, last_number_fallback) for c in completions) if k is not None]
-    if not keys:
-        return False
-    return rewards.is_correct(Counter(keys).most_common(1)[0][0], gold)
+    r"""maj@n: the most frequent answer is correct. Answers vote in classes of equal ones: an answer joins the first
+    class whose first answer rewards.is_correct holds equal to it (0.5 and \frac{1}{2}; one over
+    MAX_ANSWER_CHARS only by its text, unparsed); the first seen wins ties; no answer never wins."""
+    votes = {}  # a class's first answer -> its size
+    for key in (answer_key(c, last_number_fallback) for c in completions):
+        if key is not None:
+            same = (f for f in votes if key == f or (len(f) <= rewards.MAX_ANSWER_CHARS and rewards.is_correct(key, f)))
+            first = next(same, key)
+            votes[first] = votes.get(first, 0) + 1
+    return bool(votes) and rewards.is_correct(max(votes, key=votes.get), gold)
 
 
 def ks_for(n: int) -> list[int]:
@@ -300,8 +305,17 @@ def length_error(model: str, config, tokenizer, longest: dict, args: Args) -> Op
 # --- generation ---------------------------------------------------------------------------------
 
 
-def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list) -> list:
-    """One batched call per data set: n completions per prompt as (token ids, text). A completion
+def seed_call(args: Args, index: int) -> None:
+    """Seeds the generation call of data set `index` (a seed per data set, a function of --seed): requests carry no
+    seed (vLLM gave child j of every request seed + j, one stream per sample index), so vLLM's V1 model runner draws
+    every row's noise from this process's torch generator and the V2 runner every request's seed from numpy's."""
+    seed = int(np.random.SeedSequence([args.seed, index]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list, index: int) -> list:
+    """One batched call for data set `index`: n completions per prompt as (token ids, text). A completion
     that ends at a stop id keeps it among its token ids (vLLM treats stop_token_ids as it does EOS:
     the id is counted, only its text is left out), as generate_hf does."""
     from vllm import SamplingParams
@@ -311,9 +325,9 @@ def generate_vllm(llm, prompt_ids: list, args: Args, stop_ids: list) -> list:
         temperature=args.temperature,
         top_p=args.top_p,
         max_tokens=args.max_tokens,
-        seed=args.seed,
         stop_token_ids=stop_ids,
     )
+    seed_call(args, index)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=True)
     return [[(list(o.token_ids), o.text) for o in out.outputs] for out in outs]
 
@@ -326,17 +340,8 @@ def vllm_samples(model_name: str, prompt_ids: dict, args: Args, stop_ids: list) 
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     memory = args.vllm_gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.3)
-    # chunked prefill off on CPU: vLLM 0.32's CPU build crashes on a seeded request whose
-    # prefill is chunked ("CPU Generator does not use offset")
-    engine = LLM(
-        model=model_name,
-        dtype=dtype,
-        seed=args.seed,
-        generation_config="vllm",
-        gpu_memory_utilization=memory,
-        enable_chunked_prefill=None if torch.cuda.is_available() else False,
-    )
-    return {name: generate_vllm(engine, ids, args, stop_ids) for name, ids in prompt_ids.items()}
+    engine = LLM(model=model_name, dtype=dtype, seed=args.seed, generation_config="vllm", gpu_memory_utilization=memory)
+    return {name: generate_vllm(engine, ids, args, stop_ids, i) for i, (name, ids) in enumerate(prompt_ids.items())}
 
 
 def hf_samples(model_name: str, tokenizer, prompt_ids: dict, args: Args, stop_ids: list) -> dict:
@@ -347,13 +352,16 @@ def hf_samples(model_name: str, tokenizer, prompt_ids: dict, args: Args, stop_id
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     model.to(device).eval()
-    return {name: generate_hf(model, tokenizer, ids, args, stop_ids) for name, ids in prompt_ids.items()}
+    return {
+        name: generate_hf(model, tokenizer, ids, args, stop_ids, i) for i, (name, ids) in enumerate(prompt_ids.items())
+    }
 
 
 @torch.no_grad()
-def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list) -> list:
-    """As generate_vllm, with transformers: a completion is cut after its first stop id."""
-    torch.manual_seed(args.seed)
+def generate_hf(model, tokenizer, prompt_ids: list, args: Args, stop_ids: list, index: int) -> list:
+    """As generate_vllm, with transformers (every row its own draws from one stream): a completion is cut after its
+    first stop id."""
+    seed_call(args, index)
     pad = tokenizer.pad_token_id
     greedy = args.temperature == 0
     config = GenerationConfig(

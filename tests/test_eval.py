@@ -34,6 +34,20 @@ def test_majority_vote():
     assert ev.majority_correct(["\\boxed{3}", "\\boxed{4}"], "3")  # a tie goes to the first seen
 
 
+def boxed(*answers):
+    return ["\\boxed{%s}" % a for a in answers]
+
+
+def test_majority_vote_counts_equal_answers_together():
+    """Answers the correctness reward holds equal vote together (0.5 and \\frac{1}{2} split the vote before)."""
+    assert ev.majority_correct(boxed("3", "0.5", "\\frac{1}{2}"), "1/2")
+    assert ev.majority_correct(boxed("7", "18", "18.00", "\\$18", "7"), "18")
+    assert not ev.majority_correct(boxed("4", "3", "4", "\\frac{6}{2}", "4"), "3")  # equal strings still together
+    assert not ev.majority_correct(boxed("x" * 300, "3", "x" * 300), "3")  # over-long ones too, by their text
+    assert ev.majority_correct(boxed("0.5", "3", "\\frac{1}{2}", "3"), "1/2")  # a tie goes to the first seen
+    assert not ev.majority_correct(boxed("3", "0.5", "\\frac{1}{2}", "3"), "1/2")
+
+
 def test_summary_numbers():
     problems = [
         {"lengths": [10, 20], "correct": [True, False], "majority_correct": True},
@@ -183,15 +197,15 @@ def test_stop_tokens_without_a_chat_template_are_the_eos(tmp_path):
 
 
 @pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
-def test_vllm_request_carries_the_stop_tokens():
+def test_vllm_request_carries_the_stop_tokens_and_no_seed():
     class Engine:  # records the request instead of generating
         def generate(self, prompts, params, use_tqdm):
             self.params = params
             return []
 
     engine = Engine()
-    ev.generate_vllm(engine, [[1, 2]], ev.Args(model=["x"]), [7, 9])
-    assert engine.params.stop_token_ids == [7, 9]
+    ev.generate_vllm(engine, [[1, 2]], ev.Args(model=["x"]), [7, 9], 0)
+    assert engine.params.stop_token_ids == [7, 9] and engine.params.seed is None
 
 
 def run_eval(model, data, out, tmp_path, *flags):
@@ -228,9 +242,9 @@ def test_end_to_end_vllm(tiny_model, tmp_path):
 
 
 @pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
-def test_vllm_seeded_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
-    """Seeded requests whose prefill vLLM would chunk crashed vLLM 0.32's CPU build ("CPU
-    Generator does not use offset"); the scripts turn chunked prefill off on CPU."""
+def test_vllm_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
+    """Seeded requests whose prefill vLLM chunks crashed vLLM 0.32's CPU build ("CPU Generator does not use offset",
+    a per-request generator's offset moved back for a partial prefill); eval's requests carry no seed."""
     filler = " and then one more apple" * 30
     data = write_jsonl(
         str(tmp_path / "long.jsonl"),
@@ -240,6 +254,20 @@ def test_vllm_seeded_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
     run_eval(tiny_model, data, out, tmp_path, "--max-tokens", "4")
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["results"][tiny_model]["long.jsonl"]["problems"] == 24
+
+
+@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+def test_vllm_samples_of_identical_problems_all_differ(tiny_model, tmp_path):
+    """Every sample draws its own random stream: two data sets of two problems of the same text give 8 different
+    completions of 16 tokens (every request carried seed --seed, so sample j of every problem was the same text)."""
+    data = [write_jsonl(str(tmp_path / f"{name}.jsonl"), [{"question": "What is 2 + 3?", "answer": "#### 5"}] * 2)
+            for name in ("a", "b")]
+    out = str(tmp_path / "out")
+    run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--datasets", *data, "--n", "2", "--temperature",
+                "1.0", "--max-tokens", "16", "--output-dir", out], cwd=str(tmp_path))
+    texts = [t for f in sorted(os.listdir(out)) if f.endswith(".jsonl") for line in open(os.path.join(out, f))
+             for t in json.loads(line)["completions"]]
+    assert len(texts) == 8 and len(set(texts)) == 8, texts
 
 
 def test_results_are_written_after_each_model(tiny_model, tiny_untied_model, monkeypatch, tmp_path):
