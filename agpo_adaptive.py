@@ -237,8 +237,8 @@ def answer_key(text: str, mode: str = "balanced") -> str:
     text after its last ####, else its last number, else the whole text with whitespace collapsed.
 
     mode="balanced" [ours] matches braces, drops thousands commas only and collapses whitespace in every key;
-    "authors" is their regex (\\boxed{\\frac{1}{2}} → "2", every comma deleted before the number search: (1,2) →
-    "12") and collapses whitespace only in the whole-text key.
+    "authors" is their _extract_vote_key (\\boxed{\\frac{1}{2}} → "2", every comma deleted before the number search:
+    (1,2) → "12"): each key stripped, whitespace collapsed only in the whole-text key.
     """
     if mode == "balanced":
         boxed = last_closed_box(text)
@@ -246,10 +246,11 @@ def answer_key(text: str, mode: str = "balanced") -> str:
         key = boxed if boxed is not None else text.rsplit("####", 1)[1] if "####" in text else \
             numbers[-1].replace(",", "").lstrip("+") if numbers else text
         return " ".join(key.split()).lower()
+    text = text.strip()
     boxed = re.findall(r"\\boxed\{([^{}]+)\}", text)
     numbers = re.findall(r"[-+]?\d*\.?\d+(?:/[1-9]\d*)?", text.replace(",", ""))
-    key = boxed[-1] if boxed else text.split("####")[-1] if "####" in text else numbers[-1] if numbers else None
-    return key.lower() if key is not None else " ".join(text.split()).lower()
+    key = boxed[-1] if boxed else text.rsplit("####", 1)[-1] if "####" in text else numbers[-1] if numbers else None
+    return key.strip().lower() if key is not None else re.sub(r"\s+", " ", text).lower()
 
 
 def vote_entropy(keys: list) -> float:

@@ -3,6 +3,7 @@ reduction to GRPO, per-request temperatures, and end-to-end runs (one process; r
 
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -56,9 +57,11 @@ def test_dispersions_by_hand():
     "text, balanced, authors",
     [
         ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", "2"),  # nested braces
-        ("first \\boxed{3} then \\boxed{ 4 }", "4", " 4 "),  # the last box
-        ("work\n#### 72", "72", " 72"),  # GSM8K style; the authors collapse whitespace only in the whole-text key
-        ("work\n####  7  2\n", "7 2", "  7  2\n"),
+        ("first \\boxed{3} then \\boxed{ 4 }", "4", "4"),  # the last box
+        ("work\n#### 72", "72", "72"),  # GSM8K style; both strip the key
+        ("work\n####  7  2\n", "7 2", "7  2"),  # the authors collapse whitespace only in the whole-text key
+        ("work\n#### 12,345,678", "12,345,678", "12,345,678"),  # the text after ####: commas stay
+        ("\\boxed{ YES }", "yes", "yes"),
         ("so 1,234 apples", "1234", "1234"),  # thousands commas
         ("the point (1,2)", "2", "12"),  # a comma list is not one number
         ("the answer is 3/4", "3/4", "3/4"),  # a fraction is one number
@@ -68,12 +71,36 @@ def test_dispersions_by_hand():
         ("so +5", "5", "+5"),
         ("\\boxed{} 7", "7", "7"),  # an empty box is no answer
         ("\\boxed{3} so \\boxed{\\frac{1}{", "3", "3"),  # a box cut off by the length limit is no answer
-        ("\\boxed{3} \\boxed{ } then 4", "3", " "),  # balanced: the last closed box; authors: [^{}]+ takes " "
+        ("\\boxed{3} \\boxed{ } then 4", "3", ""),  # balanced: the last closed box; authors: [^{}]+ takes " ", stripped
     ],
 )
 def test_answer_keys(text, balanced, authors):
     assert agpo.answer_key(text, "balanced") == balanced
-    assert agpo.answer_key(text, "authors") == authors
+    assert agpo.answer_key(text, "authors") == authors == authors_extract_vote_key(text)
+
+
+def authors_extract_vote_key(text: str) -> str:
+    """wandugu/paper_agpo 11e5596, src/llamafactory/train/agpo/trainer.py lines 371–384, verbatim."""
+    stripped = text.strip()
+    boxed = re.findall(r"\\boxed\{([^{}]+)\}", stripped)
+    if boxed:
+        return boxed[-1].strip().lower()
+    if "####" in stripped:
+        return stripped.rsplit("####", 1)[-1].strip().lower()
+    numbers = re.findall(r"[-+]?\d*\.?\d+(?:/[1-9]\d*)?", stripped.replace(",", ""))
+    if numbers:
+        return numbers[-1].strip().lower()
+    return re.sub(r"\s+", " ", stripped).lower()
+
+
+def test_authors_keys_are_their_function():
+    """(3.3): --vote-key authors strips every key as their _extract_vote_key does: "#### 12,345,678" and
+    "####12,345,678" vote alike (unstripped, this group's four keys differed: E = ln 4, not 0)."""
+    group = ["so\n#### 12,345,678", "so\n####12,345,678", "#### 12,345,678 \n", "\\boxed{ 12,345,678 }"]
+    assert agpo.vote_entropy([agpo.answer_key(t, "authors") for t in group]) == 0.0
+    assert {agpo.answer_key(t, "authors") for t in ("#### Yes", "####yes ", "\\boxed{ YES }")} == {"yes"}
+    for text in group + ["\\boxed{ } #### 5", " #### \n", "\t1,2 and 3\n", " A\n\tB ", "", "\n"]:
+        assert agpo.answer_key(text, "authors") == authors_extract_vote_key(text)
 
 
 @pytest.mark.parametrize("mode", ["balanced", "authors"])
