@@ -194,13 +194,13 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
     return torch.where(valid, adv, torch.zeros_like(adv)).view(-1)
 
 
-def dispersion(rewards: torch.Tensor, mode: str, floor: float = 1e-6) -> torch.Tensor:
+def dispersion(rewards: torch.Tensor, mode: str, floor: float = 1e-6, fallback_to_std: bool = False) -> torch.Tensor:
     """docs/algorithms.md (3.2): d of each group, [P] from rewards [P, G] (NaN = unscorable, left out), in float64.
 
     std: sample std (0 for fewer than 2); mad: 1.4826·median|r − median r| (lower medians, as torch.median);
-    iqr: (q75 − q25)/1.349 (linear quantiles). A robust d ≤ 1e-8 falls back to the std (the authors'). A d below
-    `floor` is 0, for the statistics: G equal rewards of 0.3 have a float32 std of ~3e-8, which would start Ū at
-    noise; the advantage's divisor (3.9) takes floor 0.
+    iqr: (q75 − q25)/1.349 (linear quantiles). With `fallback_to_std` a robust d ≤ 1e-8 is the std: the authors'
+    advantage divisor (3.9) has it, their σ_p not. A d below `floor` is 0, for the statistics: G equal rewards of
+    0.3 have a float32 std of ~3e-8, which would start Ū at noise; the advantage's divisor (3.9) takes floor 0.
     """
     out = []
     for row in rewards.double():
@@ -210,7 +210,7 @@ def dispersion(rewards: torch.Tensor, mode: str, floor: float = 1e-6) -> torch.T
             d = 1.4826 * (r - r.median()).abs().median().item()
         elif mode == "iqr" and len(r):
             d = (r.quantile(0.75) - r.quantile(0.25)).item() / 1.349
-        if d <= 1e-8:  # with 0/1 rewards the MAD is 0 whenever half the group agrees
+        if fallback_to_std and d <= 1e-8:  # with 0/1 rewards the MAD is 0 whenever half the group agrees
             d = std
         out.append(d if d >= floor else 0.0)
     return torch.tensor(out, dtype=torch.float64)
@@ -331,11 +331,11 @@ def move_controllers(controller: dict, uncertainty, H, drift, u_bar: float, h_re
 
 def adaptive_advantages(rewards: torch.Tensor, num_generations: int, mode: str) -> torch.Tensor:
     """docs/algorithms.md (3.9): A_i = (r_i − mean r) / max(d(r), 1e-8) per group, d the configured
-    dispersion; unscorable completions (NaN) leave the statistics and get 0."""
+    dispersion (a robust d of 0 falls back to the std); unscorable completions (NaN) leave the statistics and get 0."""
     r = rewards.view(-1, num_generations).double()  # [P, G]
     valid = ~r.isnan()
     mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-    d = dispersion(r, mode, floor=0.0).clamp(min=1e-8).unsqueeze(1)  # [P, 1]
+    d = dispersion(r, mode, floor=0.0, fallback_to_std=True).clamp(min=1e-8).unsqueeze(1)  # [P, 1]
     return torch.where(valid, (r - mean) / d, 0.0).view(-1)
 
 

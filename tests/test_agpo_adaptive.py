@@ -208,12 +208,17 @@ def test_advantage_divides_by_the_dispersion_with_a_floor():
     assert agpo.adaptive_advantages(torch.tensor([1.0, float("nan"), 0.0, 0.0]), 4, "std")[1] == 0
 
 
-def test_robust_dispersions_fall_back_to_the_std():
-    """(3.2): with 0/1 rewards the MAD is 0 whenever half the group agrees; dividing by 1e-8 gave ±5e7."""
+def test_robust_dispersions_fall_back_to_the_std_in_the_advantage_only():
+    """(3.2), (3.9): with 0/1 rewards the MAD is 0 whenever half the group agrees; dividing by 1e-8 gave ±5e7.
+    As in the authors' code, the advantage's divisor falls back to the std and the probes' σ_p does not."""
     assert agpo.adaptive_advantages(torch.tensor([0.0, 1.0]), 2, "mad").tolist() == pytest.approx([-0.5**0.5, 0.5**0.5])
     r = torch.tensor([0.0] + [1.0] * 7)
     assert agpo.adaptive_advantages(r, 8, "iqr")[0].item() == pytest.approx(-0.875 / r.double().std().item())
-    assert agpo.dispersion(r.view(1, 8), "mad").item() == pytest.approx(r.double().std().item())  # σ_p as well
+    for mode, r in (("mad", [0.0] * 5 + [1.0] * 3), ("iqr", [0.0] * 7 + [1.0])):  # lower median 0; q25 = q75 = 0
+        r = torch.tensor(r, dtype=torch.float64)
+        assert agpo.dispersion(r.view(1, 8), mode).tolist() == [0.0] and r.std() > 0.3  # σ_p: no fallback
+        assert agpo.dispersion(r.view(1, 8), mode, fallback_to_std=True).item() == pytest.approx(r.std().item())
+        assert agpo.adaptive_advantages(r, 8, mode).tolist() == pytest.approx(((r - r.mean()) / r.std()).tolist())
     # every 0/1 group of 8: finite, moderate advantages (the largest, 4.05: iqr of two 1s among eight, 0.25/1.349)
     for bits in range(256):
         group = torch.tensor([(bits >> i) & 1 for i in range(8)], dtype=torch.float64)
