@@ -122,7 +122,7 @@ def test_skewness_value_floor_and_clamp():
     n, z = 4, (r - r.mean()) / r.std()
     assert agpo.skewness(r) == pytest.approx(math.sqrt(n * (n - 1)) / (n - 2) * (z**3).mean().item())
     assert agpo.skewness(torch.tensor([0.0, 0.0, 0.0, -1.0])) == pytest.approx(-agpo.skewness(r))
-    # the authors' κ: G1's factor on m3/s³ with the Bessel s, G1·(7/8)^1.5 = 7√7/8 ≈ 2.315, where G1 = √8 ≈ 2.828
+    # the authors' κ: G1's factor on m3/s³, Bessel s: G1·(7/8)^1.5 = 7·sqrt(7)/8 = 2.315, where G1 = sqrt(8) = 2.828
     assert agpo.skewness(torch.tensor([1.0] + [0.0] * 7)) == pytest.approx(7 * math.sqrt(7) / 8)
     assert agpo.skewness(torch.full((8,), 0.3)) == 0.0  # s < 1e-6
     assert agpo.skewness(torch.tensor([0.0, 1.0])) == 0.0  # n ≤ 2
