@@ -195,13 +195,13 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
     return torch.where(valid, adv, torch.zeros_like(adv)).view(-1)
 
 
-def dispersion(rewards: torch.Tensor, mode: str, floor: float = 1e-6) -> torch.Tensor:
+def dispersion(rewards: torch.Tensor, mode: str, floor: float = 1e-6, fallback_to_std: bool = False) -> torch.Tensor:
     """docs/algorithms.md (3.2): d of each group, [P] from rewards [P, G] (NaN = unscorable, left out), in float64.
 
     std: sample std (0 for fewer than 2); mad: 1.4826·median|r − median r| (lower medians, as torch.median);
-    iqr: (q75 − q25)/1.349 (linear quantiles). A robust d ≤ 1e-8 falls back to the std (the authors'). A d below
-    `floor` is 0, for the statistics: G equal rewards of 0.3 have a float32 std of ~3e-8, which would start Ū at
-    noise; the advantage's divisor (3.9) takes floor 0.
+    iqr: (q75 − q25)/1.349 (linear quantiles). With `fallback_to_std` a robust d ≤ 1e-8 is the std: the authors'
+    advantage divisor (3.9) has it, their σ_p not. A d below `floor` is 0, for the statistics: G equal rewards of
+    0.3 have a float32 std of ~3e-8, which would start Ū at noise; the advantage's divisor (3.9) takes floor 0.
     """
     out = []
     for row in rewards.double():
@@ -211,7 +211,7 @@ def dispersion(rewards: torch.Tensor, mode: str, floor: float = 1e-6) -> torch.T
             d = 1.4826 * (r - r.median()).abs().median().item()
         elif mode == "iqr" and len(r):
             d = (r.quantile(0.75) - r.quantile(0.25)).item() / 1.349
-        if d <= 1e-8:  # with 0/1 rewards the MAD is 0 whenever half the group agrees
+        if fallback_to_std and d <= 1e-8:  # with 0/1 rewards the MAD is 0 whenever half the group agrees
             d = std
         out.append(d if d >= floor else 0.0)
     return torch.tensor(out, dtype=torch.float64)
@@ -238,8 +238,8 @@ def answer_key(text: str, mode: str = "balanced") -> str:
     text after its last ####, else its last number, else the whole text with whitespace collapsed.
 
     mode="balanced" [ours] matches braces, drops thousands commas only and collapses whitespace in every key;
-    "authors" is their regex (\\boxed{\\frac{1}{2}} → "2", every comma deleted before the number search: (1,2) →
-    "12") and collapses whitespace only in the whole-text key.
+    "authors" is their _extract_vote_key (\\boxed{\\frac{1}{2}} → "2", every comma deleted before the number search:
+    (1,2) → "12"): each key stripped, whitespace collapsed only in the whole-text key.
     """
     if mode == "balanced":
         boxed = last_closed_box(text)
@@ -247,10 +247,11 @@ def answer_key(text: str, mode: str = "balanced") -> str:
         key = boxed if boxed is not None else text.rsplit("####", 1)[1] if "####" in text else \
             numbers[-1].replace(",", "").lstrip("+") if numbers else text
         return " ".join(key.split()).lower()
+    text = text.strip()
     boxed = re.findall(r"\\boxed\{([^{}]+)\}", text)
     numbers = re.findall(r"[-+]?\d*\.?\d+(?:/[1-9]\d*)?", text.replace(",", ""))
-    key = boxed[-1] if boxed else text.split("####")[-1] if "####" in text else numbers[-1] if numbers else None
-    return key.lower() if key is not None else " ".join(text.split()).lower()
+    key = boxed[-1] if boxed else text.rsplit("####", 1)[-1] if "####" in text else numbers[-1] if numbers else None
+    return key.strip().lower() if key is not None else re.sub(r"\s+", " ", text).lower()
 
 
 def vote_entropy(keys: list) -> float:
@@ -331,11 +332,11 @@ def move_controllers(controller: dict, uncertainty, H, drift, u_bar: float, h_re
 
 def adaptive_advantages(rewards: torch.Tensor, num_generations: int, mode: str) -> torch.Tensor:
     """docs/algorithms.md (3.9): A_i = (r_i − mean r) / max(d(r), 1e-8) per group, d the configured
-    dispersion; unscorable completions (NaN) leave the statistics and get 0."""
+    dispersion (a robust d of 0 falls back to the std); unscorable completions (NaN) leave the statistics and get 0."""
     r = rewards.view(-1, num_generations).double()  # [P, G]
     valid = ~r.isnan()
     mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-    d = dispersion(r, mode, floor=0.0).clamp(min=1e-8).unsqueeze(1)  # [P, 1]
+    d = dispersion(r, mode, floor=0.0, fallback_to_std=True).clamp(min=1e-8).unsqueeze(1)  # [P, 1]
     return torch.where(valid, (r - mean) / d, 0.0).view(-1)
 
 

@@ -3,6 +3,7 @@ reduction to GRPO, per-request temperatures, and end-to-end runs (one process; r
 
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -56,9 +57,11 @@ def test_dispersions_by_hand():
     "text, balanced, authors",
     [
         ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", "2"),  # nested braces
-        ("first \\boxed{3} then \\boxed{ 4 }", "4", " 4 "),  # the last box
-        ("work\n#### 72", "72", " 72"),  # GSM8K style; the authors collapse whitespace only in the whole-text key
-        ("work\n####  7  2\n", "7 2", "  7  2\n"),
+        ("first \\boxed{3} then \\boxed{ 4 }", "4", "4"),  # the last box
+        ("work\n#### 72", "72", "72"),  # GSM8K style; both strip the key
+        ("work\n####  7  2\n", "7 2", "7  2"),  # the authors collapse whitespace only in the whole-text key
+        ("work\n#### 12,345,678", "12,345,678", "12,345,678"),  # the text after ####: commas stay
+        ("\\boxed{ YES }", "yes", "yes"),
         ("so 1,234 apples", "1234", "1234"),  # thousands commas
         ("the point (1,2)", "2", "12"),  # a comma list is not one number
         ("the answer is 3/4", "3/4", "3/4"),  # a fraction is one number
@@ -68,12 +71,36 @@ def test_dispersions_by_hand():
         ("so +5", "5", "+5"),
         ("\\boxed{} 7", "7", "7"),  # an empty box is no answer
         ("\\boxed{3} so \\boxed{\\frac{1}{", "3", "3"),  # a box cut off by the length limit is no answer
-        ("\\boxed{3} \\boxed{ } then 4", "3", " "),  # balanced: the last closed box; authors: [^{}]+ takes " "
+        ("\\boxed{3} \\boxed{ } then 4", "3", ""),  # balanced: the last closed box; authors: [^{}]+ takes " ", stripped
     ],
 )
 def test_answer_keys(text, balanced, authors):
     assert agpo.answer_key(text, "balanced") == balanced
-    assert agpo.answer_key(text, "authors") == authors
+    assert agpo.answer_key(text, "authors") == authors == authors_extract_vote_key(text)
+
+
+def authors_extract_vote_key(text: str) -> str:
+    """wandugu/paper_agpo 11e5596, src/llamafactory/train/agpo/trainer.py lines 371–384, verbatim."""
+    stripped = text.strip()
+    boxed = re.findall(r"\\boxed\{([^{}]+)\}", stripped)
+    if boxed:
+        return boxed[-1].strip().lower()
+    if "####" in stripped:
+        return stripped.rsplit("####", 1)[-1].strip().lower()
+    numbers = re.findall(r"[-+]?\d*\.?\d+(?:/[1-9]\d*)?", stripped.replace(",", ""))
+    if numbers:
+        return numbers[-1].strip().lower()
+    return re.sub(r"\s+", " ", stripped).lower()
+
+
+def test_authors_keys_are_their_function():
+    """(3.3): --vote-key authors strips every key as their _extract_vote_key does: "#### 12,345,678" and
+    "####12,345,678" vote alike (unstripped, this group's four keys differed: E = ln 4, not 0)."""
+    group = ["so\n#### 12,345,678", "so\n####12,345,678", "#### 12,345,678 \n", "\\boxed{ 12,345,678 }"]
+    assert agpo.vote_entropy([agpo.answer_key(t, "authors") for t in group]) == 0.0
+    assert {agpo.answer_key(t, "authors") for t in ("#### Yes", "####yes ", "\\boxed{ YES }")} == {"yes"}
+    for text in group + ["\\boxed{ } #### 5", " #### \n", "\t1,2 and 3\n", " A\n\tB ", "", "\n"]:
+        assert agpo.answer_key(text, "authors") == authors_extract_vote_key(text)
 
 
 @pytest.mark.parametrize("mode", ["balanced", "authors"])
@@ -95,6 +122,8 @@ def test_skewness_value_floor_and_clamp():
     n, z = 4, (r - r.mean()) / r.std()
     assert agpo.skewness(r) == pytest.approx(math.sqrt(n * (n - 1)) / (n - 2) * (z**3).mean().item())
     assert agpo.skewness(torch.tensor([0.0, 0.0, 0.0, -1.0])) == pytest.approx(-agpo.skewness(r))
+    # the authors' κ: G1's factor on m3/s³, Bessel s: G1·(7/8)^1.5 = 7·sqrt(7)/8 = 2.315, where G1 = sqrt(8) = 2.828
+    assert agpo.skewness(torch.tensor([1.0] + [0.0] * 7)) == pytest.approx(7 * math.sqrt(7) / 8)
     assert agpo.skewness(torch.full((8,), 0.3)) == 0.0  # s < 1e-6
     assert agpo.skewness(torch.tensor([0.0, 1.0])) == 0.0  # n ≤ 2
     assert agpo.skewness(torch.tensor([0.0] * 199 + [1.0])) == 10.0  # clamped
@@ -181,12 +210,17 @@ def test_advantage_divides_by_the_dispersion_with_a_floor():
     assert agpo.adaptive_advantages(torch.tensor([1.0, float("nan"), 0.0, 0.0]), 4, "std")[1] == 0
 
 
-def test_robust_dispersions_fall_back_to_the_std():
-    """(3.2): with 0/1 rewards the MAD is 0 whenever half the group agrees; dividing by 1e-8 gave ±5e7."""
+def test_robust_dispersions_fall_back_to_the_std_in_the_advantage_only():
+    """(3.2), (3.9): with 0/1 rewards the MAD is 0 whenever half the group agrees; dividing by 1e-8 gave ±5e7.
+    As in the authors' code, the advantage's divisor falls back to the std and the probes' σ_p does not."""
     assert agpo.adaptive_advantages(torch.tensor([0.0, 1.0]), 2, "mad").tolist() == pytest.approx([-0.5**0.5, 0.5**0.5])
     r = torch.tensor([0.0] + [1.0] * 7)
     assert agpo.adaptive_advantages(r, 8, "iqr")[0].item() == pytest.approx(-0.875 / r.double().std().item())
-    assert agpo.dispersion(r.view(1, 8), "mad").item() == pytest.approx(r.double().std().item())  # σ_p as well
+    for mode, r in (("mad", [0.0] * 5 + [1.0] * 3), ("iqr", [0.0] * 7 + [1.0])):  # lower median 0; q25 = q75 = 0
+        r = torch.tensor(r, dtype=torch.float64)
+        assert agpo.dispersion(r.view(1, 8), mode).tolist() == [0.0] and r.std() > 0.3  # σ_p: no fallback
+        assert agpo.dispersion(r.view(1, 8), mode, fallback_to_std=True).item() == pytest.approx(r.std().item())
+        assert agpo.adaptive_advantages(r, 8, mode).tolist() == pytest.approx(((r - r.mean()) / r.std()).tolist())
     # every 0/1 group of 8: finite, moderate advantages (the largest, 4.05: iqr of two 1s among eight, 0.25/1.349)
     for bits in range(256):
         group = torch.tensor([(bits >> i) & 1 for i in range(8)], dtype=torch.float64)
