@@ -250,9 +250,10 @@ def load_rows(args: Args):
     cols = ds.column_names
     q = args.question_field or preset.get("question") or next((c for c in QUESTION_FIELDS if c in cols), None)
     a = args.answer_field or preset.get("answer") or next((c for c in ANSWER_FIELDS if c in cols), None)
-    for flag, name in (("--question-field", q), ("--answer-field", a)):
+    for flag, name, known in (("--question-field", q, QUESTION_FIELDS), ("--answer-field", a, ANSWER_FIELDS)):
         if name not in cols:
-            raise SystemExit(f"--dataset {args.dataset}: no column {name!r} for {flag}; its columns are {cols}")
+            missing = f"no column {name!r}" if name else f"none of the columns {'/'.join(known)}"
+            raise SystemExit(f"--dataset {args.dataset}: {missing}; its columns are {cols}: name one with {flag}")
     return ds, q, a
 
 
@@ -616,7 +617,8 @@ def load_tokenizer(args: Args):
                          "directory with config, weights and tokenizer (tools/prepare_smollm2.sh builds one)") from None
     longest = args.max_prompt_length + args.max_completion_length
     positions = getattr(config, "max_position_embeddings", None)
-    if positions and longest > positions and not getattr(config, "rope_scaling", None):
+    rope = getattr(config, "rope_scaling", None) or {}  # transformers 5 fills it for every model: rope_type "default"
+    if positions and longest > positions and rope.get("rope_type", rope.get("type", "default")) == "default":
         raise SystemExit(f"--max-prompt-length + --max-completion-length = {longest} tokens, more than the "
                          f"{positions} positions of --model {args.model}: lower one of the two")
     return tokenizer

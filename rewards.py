@@ -295,11 +295,11 @@ def get_reward_func(name: str) -> RewardFunc:
         module, _, attr = name.partition(":")
         try:
             fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"--reward-funcs {name!r}: cannot import it ({e})") from e
+        except (ImportError, AttributeError) as e:  # a user's mistake: one line, no traceback
+            raise SystemExit(f"--reward-funcs {name!r}: cannot import it ({e})") from None
         if callable(fn):
             return fn
-    raise ValueError(
+    raise SystemExit(
         f"--reward-funcs: unknown reward {name!r}; choose from {sorted(REWARD_FUNCS)} "
         "or give an importable 'module:function'"
     )

@@ -257,9 +257,11 @@ def test_generation_stops_at_the_token_budget(tiny_model, add_data, tmp_path):
 
 
 def run_main(argv, monkeypatch, capsys=None):
+    """grpo.py's main() on `argv`, whose completions fit the tiny model's 1,024 positions unless argv sets them."""
     import grpo
 
-    monkeypatch.setattr(sys, "argv", ["grpo.py", *argv])
+    short = [] if "--max-completion-length" in argv else ["--max-completion-length", "64"]
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *argv, *short])
     with pytest.raises(SystemExit) as e:
         grpo.main()
     return str(e.value.code)
@@ -285,7 +287,18 @@ def test_dataset_without_the_fields(monkeypatch, tiny_model, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "hello", "label": 1}\n')
     msg = run_main(["--model", tiny_model, "--dataset", str(path)], monkeypatch)
-    assert "--question-field" in msg and "'text'" in msg
+    assert "--question-field" in msg and "'text'" in msg and "question/problem" in msg and "None" not in msg
+
+
+def test_completions_longer_than_the_models_positions(monkeypatch, tiny_model, add_data):
+    """transformers 5 gives every config a rope_scaling ({"rope_type": "default"}); the check reads its type."""
+    msg = run_main(["--model", tiny_model, "--dataset", add_data, "--max-completion-length", "1000"], monkeypatch)
+    assert "1512 tokens, more than the 1024 positions" in msg and "lower one of the two" in msg
+
+
+def test_unknown_reward_function_is_one_line(monkeypatch, tiny_model, add_data):
+    msg = run_main(["--model", tiny_model, "--dataset", add_data, "--reward-funcs", "nosuch"], monkeypatch)
+    assert "unknown reward 'nosuch'" in msg and "module:function" in msg
 
 
 def test_empty_dataset(monkeypatch, tiny_model, tmp_path):

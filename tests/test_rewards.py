@@ -165,7 +165,7 @@ def test_length_penalty_trl_signature():
 def test_reward_lookup():
     assert rewards.get_reward_func("correctness") is rewards.correctness_reward
     assert rewards.get_reward_func("rewards:format_reward") is rewards.format_reward
-    with pytest.raises(ValueError, match="unknown reward"):
+    with pytest.raises(SystemExit, match="unknown reward"):
         rewards.get_reward_func("nope")
-    with pytest.raises(ValueError, match="cannot import"):
+    with pytest.raises(SystemExit, match="cannot import"):
         rewards.get_reward_func("no_such_module:f")
