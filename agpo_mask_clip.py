@@ -716,7 +716,13 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
 
 
 def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
+    import logging
+
     from vllm import LLM
+
+    # expected at each weight sync: rotary has no weights, a tied lm_head gets the embedding's (CPU: repacked, 6.11)
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(lambda r: r.getMessage() not in (
+        "RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"))
 
     max_len = args.max_prompt_length + args.max_completion_length
     sequences = args.prompts_per_step // dist.get_world_size() * args.num_generations
