@@ -15,6 +15,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the colocated en
 
 import gc
 import json
+import logging
 import math
 import random
 import re
@@ -682,8 +683,6 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
 
 
 def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
-    import logging
-
     from vllm import LLM
 
     # expected at each weight sync: rotary has no weights, a tied lm_head gets the embedding's (CPU: repacked, 6.11)
