@@ -653,7 +653,8 @@ def load_tokenizer(args: Args):
     longest = args.max_prompt_length + args.max_completion_length
     positions = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_scaling", None) or {}  # transformers 5 fills it for every model: rope_type "default"
-    if positions and longest > positions and rope.get("rope_type", rope.get("type", "default")) == "default":
+    kinds = {r.get("rope_type", r.get("type", "default")) for r in [rope, *rope.values()] if isinstance(r, dict)}
+    if positions and longest > positions and kinds <= {"default"}:  # per layer type in Gemma 3: one dict each
         raise SystemExit(f"--max-prompt-length + --max-completion-length = {longest} tokens, more than the "
                          f"{positions} positions of --model {args.model}: lower one of the two")
     return tokenizer

@@ -484,7 +484,7 @@ class RecordingEngine:
     def generate(self, prompts, params, use_tqdm=False):
         self.params, self.draws = params, (torch.randint(2**62, ()).item(), np.random.randint(2**62))
         out = type("O", (), {"token_ids": [7], "finish_reason": "stop"})
-        return [type("R", (), {"outputs": [out] * len(prompts)})() for _ in prompts]
+        return [type("R", (), {"outputs": [out] * p.n})() for p in params]
 
     class Tokenizer:
         def batch_decode(self, ids, skip_special_tokens):
