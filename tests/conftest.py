@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import shutil
@@ -44,13 +45,33 @@ def update_policy(algo, engine, rollout, plan, args, metrics, device="cpu"):
     return algo.update_policy(engine, rollout, plan, args, metrics, device, *extra)
 
 
-def vllm_importable() -> bool:
+@functools.cache
+def vllm_import_error() -> str | None:
+    """Why `import vllm` fails here (not installed, a broken install), or None."""
     try:
         import vllm  # noqa: F401
         from vllm import LLM  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def vllm_importable() -> bool:
+    """Whether real vLLM runs here; under REQUIRE_VLLM=1 (CI, .ci/run) a test that asks fails where it does not."""
+    error = vllm_import_error()
+    if error and os.environ.get("REQUIRE_VLLM") == "1":
+        pytest.fail(f"REQUIRE_VLLM=1 and vLLM is not importable ({error})", pytrace=False)
+    return error is None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_vllm: runs real vLLM: skipped where vLLM is not importable, failed "
+                            "there under REQUIRE_VLLM=1 (CI)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_vllm") and not vllm_importable():
+        pytest.skip(f"vLLM is not importable here ({vllm_import_error()})")
 
 
 @pytest.fixture(scope="session")

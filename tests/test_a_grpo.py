@@ -8,14 +8,14 @@ import os
 import pytest
 import torch
 from conftest import (FAKE_VLLM, ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script,
-                      run_two_ranks, script_args, tiny_args, vllm_importable)
+                      run_two_ranks, script_args, tiny_args)
 from transformers import AutoModelForCausalLM
 
 import a_grpo
 import grpo
 
 SCRIPT = os.path.join(ROOT, "a_grpo.py")
-needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+needs_vllm = pytest.mark.needs_vllm
 
 
 def test_defaults_are_the_readmes_run():

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 from conftest import (FAKE_VLLM, ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script,
-                      run_two_ranks, script_args, tiny_args, vllm_importable)
+                      run_two_ranks, script_args, tiny_args)
 from transformers import AutoModelForCausalLM
 
 import agpo_adaptive as agpo
 import grpo
 
 SCRIPT = os.path.join(ROOT, "agpo_adaptive.py")
-needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+needs_vllm = pytest.mark.needs_vllm
 
 
 def test_defaults_follow_the_authors_code():

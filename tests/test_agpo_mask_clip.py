@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAKE_VLLM, ROOT, read_metrics, run_script, run_two_ranks, script_args, tiny_args, vllm_importable
+from conftest import FAKE_VLLM, ROOT, read_metrics, run_script, run_two_ranks, script_args, tiny_args
 
 import agpo_mask_clip as agpo
 
@@ -141,7 +141,7 @@ def test_one_process_refill(tiny_model, add_data, tmp_path):
     assert any(m["agpo/kept_tokens"] > 0 and m["grad_norm"] > 0 for m in metrics)
 
 
-@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+@pytest.mark.needs_vllm
 def test_deepspeed_two_ranks_vllm(tiny_model, add_data, tmp_path):
     out = str(tmp_path / "runs")
     run_two_ranks(SCRIPT, tiny_model, add_data, out, [*ARGS, "--reward-funcs", "toy_rewards:has_a_pm1"], str(tmp_path))

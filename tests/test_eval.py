@@ -6,7 +6,7 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, run_script, vllm_importable, write_jsonl
+from conftest import ROOT, run_script, write_jsonl
 
 import eval as ev
 
@@ -196,7 +196,7 @@ def test_stop_tokens_without_a_chat_template_are_the_eos(tmp_path):
     assert ev.stop_token_ids(str(tmp_path), tok) == [tok.convert_tokens_to_ids("<|endoftext|>")]
 
 
-@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+@pytest.mark.needs_vllm
 def test_vllm_request_carries_the_stop_tokens_and_no_seed():
     class Engine:  # records the request instead of generating
         def generate(self, prompts, params, use_tqdm):
@@ -236,12 +236,12 @@ def test_end_to_end_transformers(tiny_model, tmp_path):
     _eval_run(tiny_model, tmp_path, ["--no-use-vllm"])
 
 
-@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+@pytest.mark.needs_vllm
 def test_end_to_end_vllm(tiny_model, tmp_path):
     _eval_run(tiny_model, tmp_path, [])
 
 
-@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+@pytest.mark.needs_vllm
 def test_vllm_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
     """Seeded requests whose prefill vLLM chunks crashed vLLM 0.32's CPU build ("CPU Generator does not use offset",
     a per-request generator's offset moved back for a partial prefill); eval's requests carry no seed."""
@@ -256,7 +256,7 @@ def test_vllm_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
         assert json.load(f)["results"][tiny_model]["long.jsonl"]["problems"] == 24
 
 
-@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+@pytest.mark.needs_vllm
 def test_vllm_samples_of_identical_problems_all_differ(tiny_model, tmp_path):
     """Every sample draws its own random stream: two data sets of two problems of the same text give 8 different
     completions of 16 tokens (every request carried seed --seed, so sample j of every problem was the same text)."""
@@ -293,7 +293,7 @@ def test_results_are_written_after_each_model(tiny_model, tiny_untied_model, mon
     assert tiny_model in (out / "results.md").read_text()
 
 
-@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+@pytest.mark.needs_vllm
 def test_end_to_end_vllm_two_models(tiny_model, tiny_untied_model, tmp_path):
     """Each model's engine runs in a child process of its own, which gives all of its memory back before the next
     starts (an engine released in-process left memory behind: a second SmolLM2 engine could not size its KV cache)."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import (FAKE_VLLM, ROOT, assert_same_step, deepspeed_launcher, read_metrics, run_script, script_args,
-                      tiny_args, vllm_importable)
+                      tiny_args)
 
 SCRIPT = os.path.join(ROOT, "grpo.py")
 TINY = tiny_args()
@@ -40,7 +40,7 @@ METRICS = [
 SYNC_TOL = 1e-4  # fp32 on CPU: vLLM's and the trainer's log-probs agree to ~5e-7 when the weights are the same
 MOVED = 0.1  # a log-prob change that training, not float noise, made
 
-needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+needs_vllm = pytest.mark.needs_vllm
 
 
 def logprobs_of(model_dir: str, prompt: list, completion: list) -> torch.Tensor:

@@ -510,7 +510,7 @@ def test_every_completion_of_a_run_at_scale_draws_its_own_stream(algo):
     assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
 
 
-@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable here")
+@pytest.mark.needs_vllm
 def test_identical_prompts_get_distinct_completions_from_vllm(tiny_model, tmp_path):
     """tests/stream_check.py: with 4 identical prompts × G 4, real vLLM gives 16 distinct completions in every
     script (with a seed per request, completion j + 1 of prompt i equalled completion j of prompt i + 1)."""
