@@ -203,12 +203,14 @@ def run_two_ranks(script: str, model: str, dataset: str, out: str, args: list, c
                launcher=deepspeed_launcher(2))
 
 
-def one_and_two_ranks(check: str, tmp_path) -> tuple:
-    """tests/`check` run in one process and on two ranks under the deepspeed launcher: what each saved."""
-    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    run_script([os.path.join(TESTS, check), one], cwd=str(tmp_path))
-    run_script([os.path.join(TESTS, check), two], cwd=str(tmp_path), launcher=deepspeed_launcher(2))
-    return torch.load(one), torch.load(two)
+@pytest.fixture(scope="session")
+def split_runs(tiny_model, tmp_path_factory) -> tuple:
+    """tests/split_check.py in one process and on two ranks under the deepspeed launcher: what each saved."""
+    cwd = tmp_path_factory.mktemp("split")
+    check = os.path.join(TESTS, "split_check.py")
+    run_script([check, tiny_model, str(cwd / "one.pt")], cwd=str(cwd))
+    run_script([check, tiny_model, str(cwd / "two.pt"), "leaf"], cwd=str(cwd), launcher=deepspeed_launcher(2))
+    return torch.load(cwd / "one.pt"), torch.load(cwd / "two.pt")
 
 
 def read_metrics(run_root: str) -> list:

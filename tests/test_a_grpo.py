@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import (FAKE_VLLM, ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script,
+from conftest import (FAKE_VLLM, ROOT, make_args, read_metrics, run_and_resume, run_script,
                       run_two_ranks, script_args, tiny_args)
 from transformers import AutoModelForCausalLM
 
@@ -111,13 +111,16 @@ def test_every_mechanism_off_is_grpo(tiny_model, world_of_one):
     assert torch.equal(grads[a_grpo], grads[grpo]) and losses[a_grpo] == losses[grpo]
 
 
-def test_one_rank_equals_two_ranks_for_advantages_and_controllers(tmp_path):
-    a, b = one_and_two_ranks("a_grpo_check.py", tmp_path)
-    assert torch.allclose(a["advantages"], b["advantages"], atol=1e-12)
-    assert a["mean_std"] == pytest.approx(b["mean_std"], rel=1e-12)
-    for x, y in zip(a["controls"], b["controls"]):
-        assert x == pytest.approx(y, rel=1e-12)
-    assert a["controls"][-1]["beta"] != 0.001  # the controllers moved
+def test_one_rank_equals_two_ranks_for_advantages_and_controllers(split_runs):
+    """tests/split_check.py: the advantages' z-score over every rank (4.1), and β_t, ε_t and the KL average m after
+    an optimizer step of a_grpo.py's own update_policy (4.5), (4.6), the same on both ranks as on one."""
+    a, b = split_runs
+    assert torch.allclose(a["a_grpo_advantages"]["advantages"], b["a_grpo_advantages"]["advantages"], atol=1e-12)
+    assert a["a_grpo_advantages"]["mean_std"] == pytest.approx(b["a_grpo_advantages"]["mean_std"], rel=1e-12)
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        (one,), two = a["a_grpo"][loss_type]["controls"], b["a_grpo"][loss_type]["controls"]
+        assert one["kl_ema"] > 1e-3 and one["beta"] != 0.04  # the controllers moved, from a KL that is not 0
+        assert two == [pytest.approx(one, rel=1e-6)] * 2, loss_type
 
 
 TINY = tiny_args(learning_rate="1e-2") + ["--reward-funcs", "toy_rewards:letter_a"]

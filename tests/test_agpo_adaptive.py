@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (FAKE_VLLM, ROOT, make_args, one_and_two_ranks, read_metrics, run_and_resume, run_script,
+from conftest import (FAKE_VLLM, ROOT, make_args, read_metrics, run_and_resume, run_script,
                       run_two_ranks, script_args, tiny_args)
 from transformers import AutoModelForCausalLM
 
@@ -310,8 +310,9 @@ def test_each_training_request_reaches_vllm_with_its_own_temperature(world_of_on
 # --- state across ranks: 2 ranks move the controllers as 1 rank does ---------------------------
 
 
-def test_two_ranks_move_the_controllers_as_one_rank(tmp_path):
-    a, b = one_and_two_ranks("controller_check.py", tmp_path)
+def test_two_ranks_move_the_controllers_as_one_rank(split_runs):
+    """tests/split_check.py: three steps of the controllers (3.7), (3.8), (3.11) on 4 prompts, split over 2 ranks."""
+    a, b = (run["agpo_adaptive_controllers"] for run in split_runs)
     assert a["controller"] == pytest.approx(b["controller"], rel=1e-12)
     assert torch.allclose(a["tau"], b["tau"]) and torch.allclose(a["eps"], b["eps"])
     assert a["controller"]["u_bar"] > 0 and a["controller"]["h_ref"] > 0 and a["controller"]["drift_bar"] > 0
