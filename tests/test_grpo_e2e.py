@@ -37,7 +37,6 @@ METRICS = [
     "time/weight_sync",
     "time/step",
 ]
-SYNC_TOL = 1e-4  # fp32 on CPU: vLLM's and the trainer's log-probs agree to ~5e-7 when the weights are the same
 MOVED = 0.1  # a log-prob change that training, not float noise, made
 
 needs_vllm = pytest.mark.needs_vllm
@@ -212,24 +211,6 @@ def test_deepspeed_two_ranks_zero3_vllm(two_rank_run, tiny_model):
     before = logprobs_of(tiny_model, [5, 6, 7], [8, 9, 10, 11])
     after = logprobs_of(ckpt, [5, 6, 7], [8, 9, 10, 11])
     assert (after - before).abs().max() > MOVED
-
-
-@needs_vllm
-@pytest.mark.parametrize("ranks", [1, 2])
-@pytest.mark.parametrize("model", ["tiny_model", "tiny_untied_model"])
-def test_weight_sync_reaches_vllm(ranks, model, request, tmp_path):
-    """docs/algorithms.md (6.10), tests/sync_check.py: after an optimizer step vLLM's log-probs differ from the
-    trainer's until sync_weights_to_vllm, and equal them after it, on every rank: with a tied lm_head (repacked on
-    CPU) and an untied one, in one process and with ZeRO-3 shards gathered bucket by bucket on 2 ranks."""
-    out = str(tmp_path / "sync.json")
-    launcher = deepspeed_launcher(2) if ranks == 2 else None
-    run_script([os.path.join(ROOT, "tests", "sync_check.py"), "grpo", request.getfixturevalue(model), out],
-               cwd=str(tmp_path), launcher=launcher)
-    with open(out) as f:
-        result = json.load(f)
-    assert len(result) == ranks
-    assert all(r["before_sync"] > 1e-2 for r in result), result  # the step moved vLLM's log-probs away
-    assert all(r["after_sync"] < SYNC_TOL for r in result), result
 
 
 def test_generation_stops_at_the_token_budget(tiny_model, add_data, tmp_path):
