@@ -511,17 +511,28 @@ def test_every_completion_of_a_run_at_scale_draws_its_own_stream(algo):
 
 
 @pytest.mark.needs_vllm
-def test_identical_prompts_get_distinct_completions_from_vllm(tiny_model, tmp_path):
-    """tests/stream_check.py: with 4 identical prompts × G 4, real vLLM gives 16 distinct completions in every
-    script (with a seed per request, completion j + 1 of prompt i equalled completion j of prompt i + 1)."""
-    out = str(tmp_path / "streams.json")
-    run_script([os.path.join(ROOT, "tests", "stream_check.py"), tiny_model, out], cwd=str(tmp_path))
-    with open(out) as f:
-        completions = json.load(f)
-    assert set(completions) == set(ALGORITHMS)
-    for name, ids in completions.items():
-        assert len(ids) == 16 and all(len(c) > 0 for c in ids), name
-        assert len({tuple(c) for c in ids}) == 16, name
+def test_identical_prompts_get_distinct_completions_and_the_stand_in_samples_as_vllm(tiny_model, tmp_path):
+    """tests/stream_check.py, on real vLLM and on tests/fake_vllm: with 4 identical prompts × G 4, 16 distinct
+    completions in every script, and the same 16 again for the same call seed (--resume). Asked for a seed per request,
+    both engines repeat a completion exactly where vLLM's rule (child j samples with seed + j) says: completion j of
+    prompt i equals completion j − 1 of prompt i + 1 (the collision every request's seed caused before)."""
+    streams = {}
+    for engine, pythonpath in (("vllm", ()), ("stand-in", (FAKE_VLLM,))):
+        out = str(tmp_path / f"{engine}.json")
+        run_script([os.path.join(ROOT, "tests", "stream_check.py"), tiny_model, out], cwd=str(tmp_path),
+                   pythonpath=pythonpath)
+        with open(out) as f:
+            completions = json.load(f)
+        assert set(completions) == {*ALGORITHMS, "grpo_again", "seeded"}, engine
+        for name in ALGORITHMS:
+            ids = completions[name]
+            assert len(ids) == 16 and all(len(c) > 0 for c in ids), (engine, name)
+            assert len({tuple(c) for c in ids}) == 16, (engine, name)
+        assert completions["grpo_again"] == completions["grpo"], engine
+        seeded = completions["seeded"]  # [prompt i × 4 + completion j]
+        streams[engine] = {(a, b) for a in range(16) for b in range(a + 1, 16) if seeded[a] == seeded[b]}
+    rule = {(a, b) for a in range(16) for b in range(a + 1, 16) if a // 4 + a % 4 == b // 4 + b % 4}
+    assert streams["vllm"] == rule and streams["stand-in"] == rule
 
 
 @pytest.mark.needs_vllm
