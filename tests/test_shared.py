@@ -233,22 +233,23 @@ LINEAR_CHECK = """
 import sys, torch
 import deepspeed
 from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
-from conftest import make_args
-algo = __import__(sys.argv[1])
-algo.init_distributed()
+from conftest import ALGORITHMS, make_args
 linear, calls, apply = torch.nn.functional.linear, [], LinearFunctionForZeroStage3.apply
 LinearFunctionForZeroStage3.apply = lambda *a: calls.append(1) or apply(*a)
-batch = algo.collate([[5, 6, 7]], [[8, 9]], "cpu")
-for ckpt in ("on", "off"):
-    args = make_args(algo, model=sys.argv[2], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3,
-                     max_prompt_length=32, max_completion_length=8, num_generations=2, prompts_per_step=1)
-    engine, ref_engine = algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
-    for name, model in (("policy", engine), ("reference", ref_engine)):
-        if model is not None:
-            del calls[:]
-            algo.completion_logprobs(model, batch, 1.0)
-            print(ckpt, name, "memory-efficient" if calls else "plain", torch.nn.functional.linear is linear)
-if sys.argv[3:] == ["vllm"]:
+for name in ALGORITHMS:
+    algo = __import__(name)
+    algo.init_distributed()
+    batch = algo.collate([[5, 6, 7]], [[8, 9]], "cpu")
+    for ckpt in ("on", "off"):
+        args = make_args(algo, model=sys.argv[1], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3,
+                         max_prompt_length=32, max_completion_length=8, num_generations=2, prompts_per_step=1)
+        engine, ref_engine = algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
+        for model, engine in (("policy", engine), ("reference", ref_engine)):
+            if engine is not None:
+                del calls[:]
+                algo.completion_logprobs(engine, batch, 1.0)
+                print(name, ckpt, model, "memory-efficient" if calls else "plain", torch.nn.functional.linear is linear)
+if sys.argv[2:] == ["vllm"]:
     from vllm import SamplingParams
     llm = algo.setup_vllm(args, 0, torch.float32, False)
     del calls[:]
@@ -257,17 +258,18 @@ if sys.argv[3:] == ["vllm"]:
 """
 
 
-@each
-def test_only_the_policy_without_checkpointing_runs_the_memory_efficient_linear(algo, tiny_model, tmp_path):
+def test_only_the_policy_without_checkpointing_runs_the_memory_efficient_linear(tiny_model, tmp_path):
     """docs/algorithms.md (6.8): under ZeRO-3 the policy's Linear layers run DeepSpeed's memory-efficient Linear
     without checkpointing and plain F.linear with it; the reference (β > 0) and vLLM's engine never do, and
-    F.linear itself is never replaced (before, DeepSpeed replaced it process-wide when checkpointing was off)."""
+    F.linear itself is never replaced (before, DeepSpeed replaced it process-wide when checkpointing was off).
+    Every script in one process, in turn: a script that replaced F.linear would show from its own lines on."""
     script = tmp_path / "linear_check.py"
     script.write_text(LINEAR_CHECK)
-    with_vllm = ["vllm"] if algo.__name__ == "grpo" and vllm_importable() else []
-    out = run_script([str(script), algo.__name__, tiny_model, *with_vllm], cwd=str(tmp_path)).stdout
-    assert "on policy plain True" in out and "off policy memory-efficient True" in out, out
-    assert "reference" not in out or ("on reference plain True" in out and "off reference plain True" in out), out
+    with_vllm = ["vllm"] if vllm_importable() else []
+    out = run_script([str(script), tiny_model, *with_vllm], cwd=str(tmp_path)).stdout
+    for name in ALGORITHMS:
+        assert f"{name} on policy plain True" in out and f"{name} off policy memory-efficient True" in out, out
+        assert f"{name} on reference plain True" in out and f"{name} off reference plain True" in out, out
     assert not with_vllm or "vllm plain True" in out, out
 
 
