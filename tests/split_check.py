@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from conftest import ALGORITHMS, make_args, make_rollout, update_policy  # tests/ is on every launch's path
+from conftest import ALGORITHMS, make_args, make_rollout  # tests/ is on every launch's path
 
 N, G, MICRO = 8, 4, 2
 

@@ -540,8 +540,8 @@ def test_identical_prompts_get_distinct_completions_and_the_stand_in_samples_as_
 @pytest.mark.needs_vllm
 @pytest.mark.parametrize("model", ["tiny_model", "tiny_untied_model"])
 def test_weight_sync_reaches_vllm_bucket_by_bucket(model, request, tmp_path):
-    """docs/algorithms.md (6.10), tests/sync_check.py: on 2 ranks under ZeRO-3, with buckets of 4 KB (the embedding, each
-    decoder layer, the final norm and an untied lm_head each a bucket of its own, gathered from the shards in turn),
+    """docs/algorithms.md (6.10), tests/sync_check.py: on 2 ranks under ZeRO-3, with buckets of 4 KB (the embedding,
+    each decoder layer, the final norm and an untied lm_head each a bucket of its own, gathered from the shards in turn),
     vLLM's log-probs differ from the trainer's after an optimizer step until sync_weights_to_vllm, and equal them after
     it, on every rank and in every script; with a tied lm_head (repacked on CPU) and an untied one."""
     out = str(tmp_path / "sync.json")

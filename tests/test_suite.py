@@ -22,8 +22,8 @@ def pytest_with_broken_vllm(tmp_path, **env) -> subprocess.CompletedProcess:
 
 
 def test_a_test_that_needs_vllm_fails_under_require_vllm(tmp_path):
-    """.ci/run exports REQUIRE_VLLM=1: where vLLM does not import, a test that needs it fails (an error in set-up) and says why;
-    elsewhere it is skipped."""
+    """.ci/run exports REQUIRE_VLLM=1: where vLLM does not import, a test that needs it fails (an error in set-up)
+    and says why; elsewhere it is skipped."""
     required = pytest_with_broken_vllm(tmp_path, REQUIRE_VLLM="1")
     assert required.returncode == 1 and "1 error" in required.stdout, required.stdout  # it fails in set-up
     assert "REQUIRE_VLLM=1 and vLLM is not importable (ImportError: broken on purpose)" in required.stdout
