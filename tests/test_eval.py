@@ -1,5 +1,6 @@
 """eval.py: pass@k and maj@n on hand-made samples, every preset's field mapping on rows in the
-formats of the published files, and end-to-end runs (transformers; vLLM when importable)."""
+formats of the published files, and end-to-end runs (transformers; vLLM when importable; stubbed samples with
+exact scores)."""
 
 import json
 import os
@@ -239,6 +240,59 @@ def test_end_to_end_transformers(tiny_model, tmp_path):
 @pytest.mark.needs_vllm
 def test_end_to_end_vllm(tiny_model, tmp_path):
     _eval_run(tiny_model, tmp_path, [])
+
+
+# (gold, the 4 samples of its problem as (text, tokens)) for test_end_to_end_scores; a broken row comes last
+SAMPLES = [
+    # right 3 of 4 in three equal forms, wrong first: the vote needs the equal forms together
+    ("#### 5", [("\\boxed{6}", 8), ("\\boxed{5}", 4), ("\\boxed{5.0}", 4), ("so \\boxed{\\frac{10}{2}}", 4)]),
+    # right once (so pass@4 = 1), a wrong majority, no box (no answer)
+    ("#### 12", [("\\boxed{7}", 8), ("\\boxed{7}", 8), ("The answer is 12.", 8), ("\\boxed{12}", 16)]),
+    # never right; the unboxed 3 counts only with --last-number-fallback
+    ("#### 3", [("\\boxed{4}", 8), ("so it is 3", 8), ("\\boxed{2}", 8), ("\\boxed{4}", 8)]),
+    # right twice, as 0.5 and 1/2 (one class of the vote), against the gold \frac{1}{2}
+    ("\\frac{1}{2}", [("\\boxed{0.5}", 2), ("\\boxed{1/2}", 6), ("\\boxed{2}", 8), ("\\boxed{\\frac{1}{3}}", 8)]),
+]
+
+
+def test_end_to_end_scores(tiny_model, monkeypatch, capsys, tmp_path):
+    """eval.py's main on stubbed samples (SAMPLES) with known right, wrong and equal answers: exact scores in
+    results.json, the printed table and the per-problem rows. By hand, right answers c = 3, 1, 0, 2 of n = 4:
+    avg@4 = pass@1 = (3 + 1 + 0 + 2) / 16 = 0.375;
+    pass@2 = mean(1 - C(4 - c, 2) / C(4, 2)) = mean(1, 1 - 3/6, 0, 1 - 1/6) = (7/3) / 4 = 7/12;
+    pass@4 = mean(1, 1, 0, 1) = 0.75; maj@4: the winning votes are 5 (5, 5.0, 10/2), 7 (twice), 4 (twice), 0.5 (0.5,
+    1/2), so mean(1, 0, 0, 1) = 0.5;
+    tokens: 116 in 16 samples, mean 7.25, median 8 (sorted, the 8th and 9th are 8); right ones 4, 4, 4, 16, 2, 6:
+    mean 6."""
+    rows = [{"question": f"Problem {i}?", "answer": gold} for i, (gold, _) in enumerate(SAMPLES)]
+    data = write_jsonl(str(tmp_path / "q.jsonl"), rows + [{"question": "broken", "answer": "???{"}])
+
+    def stub_samples(model_name, tokenizer, prompt_ids, args, stop_ids):
+        assert list(prompt_ids) == [data] and len(prompt_ids[data]) == len(SAMPLES)
+        return {data: [[([0] * tokens, text) for text, tokens in samples] for _, samples in SAMPLES]}
+
+    monkeypatch.setattr(ev, "hf_samples", stub_samples)
+    out = tmp_path / "out"
+    argv = ["eval.py", "--model", tiny_model, "--datasets", data, "--no-use-vllm", "--n", "4", "--temperature", "1.0",
+            "--max-tokens", "16", "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    ev.main()
+    with open(out / "results.json") as f:
+        scores = json.load(f)["results"][tiny_model]["q.jsonl"]
+    expected = {"avg@4": 0.375, "pass@1": 0.375, "pass@2": 7 / 12, "pass@4": 0.75, "maj@4": 0.5, "tokens_mean": 7.25,
+                "tokens_median": 8, "tokens_correct_mean": 6, "problems": 4, "rows_skipped": 1}
+    assert scores == pytest.approx(expected)
+    # the table: scores in percent (pass@1 is avg@4, not repeated), tokens rounded
+    assert f"| {tiny_model} | q.jsonl | 37.5 | 58.3 | 75.0 | 50.0 | 7 | 8 | 6 | 4 | 1 |" in capsys.readouterr().out
+    (completions,) = [f for f in os.listdir(out) if f.endswith(".jsonl")]
+    problems = [json.loads(line) for line in open(out / completions)]
+    assert [p["gold"] for p in problems] == ["5", "12", "3", "\\frac{1}{2}"]
+    assert [p["answers"] for p in problems] == [["6", "5", "5.0", "\\frac{10}{2}"], ["7", "7", None, "12"],
+                                                ["4", None, "2", "4"], ["0.5", "1/2", "2", "\\frac{1}{3}"]]
+    right, wrong = True, False
+    assert [p["correct"] for p in problems] == [[wrong, right, right, right], [wrong, wrong, wrong, right],
+                                                [wrong] * 4, [right, right, wrong, wrong]]
+    assert [p["majority_correct"] for p in problems] == [True, False, False, True]
 
 
 @pytest.mark.needs_vllm

@@ -1,12 +1,11 @@
 """rewards.py on real gold formats, adversarial completions and the Kimi length penalty."""
 
-import time
+import inspect
 
+import math_verify
 import pytest
 
 import rewards
-
-BOUND_S = 10.0  # a hang guard, not a speed target: one call must come back, whatever the text
 
 
 # (what it checks, completion, gold, expected reward): rewards.correctness_reward on one completion
@@ -131,14 +130,60 @@ ADVERSARIAL = [
 ]
 
 
+TIMEOUT_ARGUMENT = {"parse": "parsing_timeout", "verify": "timeout_seconds"}
+
+
+def assert_within_the_guards(name, arguments):
+    """What bounds the time of a reward on any text, for one call to math-verify's `name` with these arguments: it
+    never sees an answer over MAX_ANSWER_CHARS (parse gets it as \\boxed{answer}), and it runs under its alarm of
+    MATH_VERIFY_TIMEOUT_S (None or 0 would turn it off)."""
+    assert rewards.MATH_VERIFY_TIMEOUT_S >= 1
+    assert arguments.get(TIMEOUT_ARGUMENT[name]) == rewards.MATH_VERIFY_TIMEOUT_S, (name, arguments)
+    if name == "parse":
+        assert len(arguments["pred"]) <= rewards.MAX_ANSWER_CHARS + len("\\boxed{}")
+
+
+@pytest.fixture
+def math_verify_calls(monkeypatch):
+    """Every call of rewards to math-verify's parse and verify, as (name, its arguments by name), checked by
+    assert_within_the_guards before it goes on to the real function (a call outside them could hang); rewards' parse
+    cache is emptied first, so that no parse is skipped."""
+    calls = []
+
+    def guarded(name):
+        real = getattr(math_verify, name)
+
+        def call(*args, **kwargs):
+            arguments = inspect.signature(real).bind(*args, **kwargs).arguments
+            assert_within_the_guards(name, arguments)
+            calls.append((name, arguments))
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in TIMEOUT_ARGUMENT:
+        monkeypatch.setattr(math_verify, name, guarded(name))
+    rewards._parse.cache_clear()
+    return calls
+
+
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
 @pytest.mark.parametrize("gold", ["#### 7", "\\frac{3}{4}"])
-def test_adversarial_completions_return_in_bounded_time(text, gold):
-    t = time.perf_counter()
-    out = rewards.correctness_reward(["q"], [text], [gold])
-    assert out == [0.0]
-    assert time.perf_counter() - t < BOUND_S
+def test_adversarial_completions_stay_within_the_guards(text, gold, math_verify_calls):
+    """Wrong, and every call to math-verify within the guards (checked as it is made)."""
+    assert rewards.correctness_reward(["q"], [text], [gold]) == [0.0]
     assert rewards.format_reward(["q"], [text]) in ([0.0], [1.0])
+
+
+def test_guards_at_the_answer_length_cap(math_verify_calls):
+    """An expression of MAX_ANSWER_CHARS characters goes to math-verify (parse and verify, each under the timeout);
+    one character more is counted wrong unparsed."""
+    at_cap = "x" * rewards.MAX_ANSWER_CHARS
+    assert rewards.correctness_reward(["q"], ["\\boxed{%s}" % at_cap], ["\\frac{3}{4}"]) == [0.0]
+    assert [name for name, _ in math_verify_calls] == ["parse", "parse", "verify"]  # the gold, the answer, both
+    math_verify_calls.clear()
+    assert rewards.correctness_reward(["q"], ["\\boxed{%sx}" % at_cap], ["\\frac{3}{4}"]) == [0.0]
+    assert math_verify_calls == []  # the gold's parse is cached
 
 
 def test_format_reward():
