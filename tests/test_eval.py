@@ -237,11 +237,6 @@ def test_end_to_end_transformers(tiny_model, tmp_path):
     _eval_run(tiny_model, tmp_path, ["--no-use-vllm"])
 
 
-@pytest.mark.needs_vllm
-def test_end_to_end_vllm(tiny_model, tmp_path):
-    _eval_run(tiny_model, tmp_path, [])
-
-
 # (gold, the 4 samples of its problem as (text, tokens)) for test_end_to_end_scores; a broken row comes last
 SAMPLES = [
     # right 3 of 4 in three equal forms, wrong first: the vote needs the equal forms together
@@ -295,35 +290,6 @@ def test_end_to_end_scores(tiny_model, monkeypatch, capsys, tmp_path):
     assert [p["majority_correct"] for p in problems] == [True, False, False, True]
 
 
-@pytest.mark.needs_vllm
-def test_vllm_batch_longer_than_one_prefill_chunk(tiny_model, tmp_path):
-    """Seeded requests whose prefill vLLM chunks crashed vLLM 0.32's CPU build ("CPU Generator does not use offset",
-    a per-request generator's offset moved back for a partial prefill); eval's requests carry no seed."""
-    filler = " and then one more apple" * 30
-    data = write_jsonl(
-        str(tmp_path / "long.jsonl"),
-        [{"question": f"Start with {a}{filler}. How many?", "answer": f"#### {a}"} for a in range(24)],
-    )
-    out = str(tmp_path / "out")
-    run_eval(tiny_model, data, out, tmp_path, "--max-tokens", "4")
-    with open(os.path.join(out, "results.json")) as f:
-        assert json.load(f)["results"][tiny_model]["long.jsonl"]["problems"] == 24
-
-
-@pytest.mark.needs_vllm
-def test_vllm_samples_of_identical_problems_all_differ(tiny_model, tmp_path):
-    """Every sample draws its own random stream: two data sets of two problems of the same text give 8 different
-    completions of 16 tokens (every request carried seed --seed, so sample j of every problem was the same text)."""
-    data = [write_jsonl(str(tmp_path / f"{name}.jsonl"), [{"question": "What is 2 + 3?", "answer": "#### 5"}] * 2)
-            for name in ("a", "b")]
-    out = str(tmp_path / "out")
-    run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--datasets", *data, "--n", "2", "--temperature",
-                "1.0", "--max-tokens", "16", "--output-dir", out], cwd=str(tmp_path))
-    texts = [t for f in sorted(os.listdir(out)) if f.endswith(".jsonl") for line in open(os.path.join(out, f))
-             for t in json.loads(line)["completions"]]
-    assert len(texts) == 8 and len(set(texts)) == 8, texts
-
-
 def test_results_are_written_after_each_model(tiny_model, tiny_untied_model, monkeypatch, tmp_path):
     """A failure while the second model generates keeps the first model's scores in results.json (they were
     lost before: only its completions file had been written)."""
@@ -347,16 +313,66 @@ def test_results_are_written_after_each_model(tiny_model, tiny_untied_model, mon
     assert tiny_model in (out / "results.md").read_text()
 
 
+@pytest.fixture(scope="module")
+def vllm_eval(tiny_model, tiny_untied_model, tmp_path_factory):
+    """One eval.py run with vLLM, which the tests below read: two models, four data sets (additions with an unscorable
+    row; 24 prompts longer than one prefill chunk; two data sets of two problems of the same text), 2 samples each at
+    temperature 1, 16 tokens. Its stdout, output directory and results."""
+    tmp = tmp_path_factory.mktemp("vllm_eval")
+    add = [{"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"} for a in range(4)]
+    filler = " and then one more apple" * 30
+    long = [{"question": f"Start with {a}{filler}. How many?", "answer": f"#### {a}"} for a in range(24)]
+    same = [{"question": "What is 2 + 3?", "answer": "#### 5"}] * 2
+    data = [write_jsonl(str(tmp / "add.jsonl"), add + [{"question": "broken", "answer": "???{"}]),
+            write_jsonl(str(tmp / "long.jsonl"), long), write_jsonl(str(tmp / "a.jsonl"), same),
+            write_jsonl(str(tmp / "b.jsonl"), same)]
+    out = str(tmp / "out")
+    proc = run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--model", tiny_untied_model, "--datasets",
+                       *data, "--n", "2", "--temperature", "1.0", "--max-tokens", "16", "--output-dir", out],
+                      cwd=str(tmp))
+    with open(os.path.join(out, "results.json")) as f:
+        return proc.stdout, out, json.load(f)["results"]
+
+
+def samples_of(out: str, model: str, label: str) -> list:
+    """The per-problem rows eval.py wrote for `model` on data set `label`."""
+    with open(os.path.join(out, f"{model.strip('/').replace('/', '__')}__{label}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 @pytest.mark.needs_vllm
-def test_end_to_end_vllm_two_models(tiny_model, tiny_untied_model, tmp_path):
+def test_end_to_end_vllm(vllm_eval, tiny_model):
+    stdout, out, results = vllm_eval
+    res = results[tiny_model]["add.jsonl"]
+    rows = samples_of(out, tiny_model, "add.jsonl")
+    assert res["problems"] == 4 and res["rows_skipped"] == 1 and len(rows) == 4
+    assert all(len(r["completions"]) == 2 and all(0 < n <= 16 for n in r["lengths"]) for r in rows)
+    assert 0 <= res["avg@2"] <= res["pass@2"] <= 1 and res["tokens_mean"] > 0
+    assert "| model | data set | avg@2 | pass@2 | maj@2 |" in stdout and "temperature=1.0" in stdout
+
+
+@pytest.mark.needs_vllm
+def test_end_to_end_vllm_two_models(vllm_eval, tiny_model, tiny_untied_model):
     """Each model's engine runs in a child process of its own, which gives all of its memory back before the next
     starts (an engine released in-process left memory behind: a second SmolLM2 engine could not size its KV cache)."""
-    data = write_jsonl(str(tmp_path / "q.jsonl"), [{"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"}
-                                                    for a in range(3)])
-    out = str(tmp_path / "out")
-    run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--model", tiny_untied_model, "--datasets", data,
-                "--n", "2", "--temperature", "1.0", "--max-tokens", "4", "--output-dir", out], cwd=str(tmp_path))
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)["results"]
+    _, _, results = vllm_eval
     assert list(results) == [tiny_model, tiny_untied_model]
-    assert all(results[m]["q.jsonl"]["problems"] == 3 and results[m]["q.jsonl"]["tokens_mean"] > 0 for m in results)
+    assert all(list(results[m]) == ["add.jsonl", "long.jsonl", "a.jsonl", "b.jsonl"] for m in results)
+    assert all(results[m]["add.jsonl"]["problems"] == 4 and results[m]["add.jsonl"]["tokens_mean"] > 0 for m in results)
+
+
+@pytest.mark.needs_vllm
+def test_vllm_batch_longer_than_one_prefill_chunk(vllm_eval):
+    """Seeded requests whose prefill vLLM chunks crashed vLLM 0.32's CPU build ("CPU Generator does not use offset",
+    a per-request generator's offset moved back for a partial prefill); eval's requests carry no seed."""
+    _, _, results = vllm_eval
+    assert all(results[m]["long.jsonl"]["problems"] == 24 for m in results)
+
+
+@pytest.mark.needs_vllm
+def test_vllm_samples_of_identical_problems_all_differ(vllm_eval, tiny_model):
+    """Every sample draws its own random stream: two data sets of two problems of the same text give 8 different
+    completions of 16 tokens (every request carried seed --seed, so sample j of every problem was the same text)."""
+    _, out, _ = vllm_eval
+    texts = [t for label in ("a.jsonl", "b.jsonl") for r in samples_of(out, tiny_model, label) for t in r["completions"]]
+    assert len(texts) == 8 and len(set(texts)) == 8, texts
