@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import (FAKE_VLLM, ROOT, assert_same_step, deepspeed_launcher, read_metrics, run_script, script_args,
-                      tiny_args)
+from conftest import (FAKE_VLLM, ROOT, assert_same_checkpoint, assert_same_step, deepspeed_launcher, read_metrics,
+                      run_script, script_args, tiny_args)
 
 SCRIPT = os.path.join(ROOT, "grpo.py")
 TINY = tiny_args()
@@ -161,6 +161,9 @@ def test_one_process_vllm_and_resume(tiny_untied_model, add_data, tmp_path):
     resumed = read_metrics(out2)
     assert [m["step"] for m in resumed] == [1, 2]
     assert len(assert_same_step(full[1], resumed[1])) > 15
+    # after step 2's optimizer step (its metrics come before it): the weights, Adam's moments, the RNG states
+    name = os.listdir(out)[0]
+    assert_same_checkpoint(os.path.join(out, name, "checkpoint-2"), os.path.join(out2, name2, "checkpoint-2"))
 
 
 TWO_RANKS = [
