@@ -1,4 +1,5 @@
 import functools
+import glob
 import json
 import os
 import shutil
@@ -6,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,16 +170,17 @@ def tiny_args(prompts_per_step=2, num_generations=4, micro_batch_size=4, total_s
             "--total-steps", str(total_steps)] + (["--learning-rate", learning_rate] if learning_rate else [])
 
 
-def resume_from_step_1(common: list, out: str, cwd: str) -> list:
+def resume_from_step_1(common: list, out: str, cwd: str, launcher: list | None = None, pythonpath: tuple = ()) -> str:
     """`common` continued with --resume from checkpoint-1 of its run in `out`, copied (with step 1's row of
-    metrics.jsonl) into a run directory of its own: the metrics of the resumed run."""
+    metrics.jsonl) into a run directory of its own: that run's directory."""
     name = os.listdir(out)[0]
     out2 = os.path.join(cwd, "resumed")
     shutil.copytree(os.path.join(out, name, "checkpoint-1"), os.path.join(out2, name, "checkpoint-1"))
     with open(os.path.join(out2, name, "metrics.jsonl"), "w") as f:
         f.write(json.dumps(read_metrics(out)[0]) + "\n")
-    run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=cwd)
-    return read_metrics(out2)
+    run_script(common + ["--output-dir", out2, "--resume", os.path.join(out2, name, "checkpoint-1")], cwd=cwd,
+               launcher=launcher, pythonpath=pythonpath)
+    return os.path.join(out2, name)
 
 
 def assert_same_step(a: dict, b: dict) -> list:
@@ -188,13 +191,69 @@ def assert_same_step(a: dict, b: dict) -> list:
     return compared
 
 
-def run_and_resume(common: list, cwd: str, check) -> list:
+def load_state(path: str):
+    """A checkpoint file's contents: trainer_state.json but the run's name, a safetensors file, or a torch.save."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            return {k: v for k, v in json.load(f).items() if k != "run_name"}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=False)
+
+
+def assert_same_tree(a, b, where: str) -> list:
+    """Two nested values equal, each tensor within 1e-5 of its largest entry; the tensors' paths."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a, key=str) == sorted(b, key=str), f"{where}: keys differ"
+        return [p for k in a for p in assert_same_tree(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        return [p for i, (x, y) in enumerate(zip(a, b)) for p in assert_same_tree(x, y, f"{where}/{i}")]
+    if hasattr(a, "__dict__") and not isinstance(a, torch.Tensor):  # e.g. DeepSpeed's loss scaler
+        assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+        return assert_same_tree(vars(a), vars(b), where)
+    if isinstance(a, np.ndarray):
+        a, b = torch.from_numpy(a), torch.from_numpy(np.asarray(b))
+    if not isinstance(a, torch.Tensor):
+        same = a == pytest.approx(b, rel=1e-6) if isinstance(a, float) else a == b
+        assert same, f"{where}: {a!r} != {b!r}"
+        return []
+    assert isinstance(b, torch.Tensor) and (a.shape, a.dtype) == (b.shape, b.dtype), f"{where}: shape or dtype differ"
+    if not a.is_floating_point():
+        assert torch.equal(a, b), f"{where}: differs"
+    elif a.numel():
+        diff = (a.double() - b.double()).abs().max().item()
+        scale = a.abs().max().item()
+        assert diff <= 1e-5 * scale, f"{where}: differs by {diff:.3g}, largest entry {scale:.3g}"
+    return [where]
+
+
+def assert_same_checkpoint(a: str, b: str) -> list:
+    """Two checkpoint directories hold the same state: the Hugging Face weights, DeepSpeed's files (the optimizer's
+    shards with Adam's moments; module, lr scheduler and step counts), every rank's rank_state_*.pt (the script's
+    state, RNG states) and trainer_state.json but the run's name. The tensors compared."""
+    kinds = ("*.safetensors", "deepspeed/*/*.pt", "rank_state_*.pt", "trainer_state.json")
+    names = sorted(os.path.relpath(p, a) for k in kinds for p in glob.glob(os.path.join(a, k)))
+    assert names == sorted(os.path.relpath(p, b) for k in kinds for p in glob.glob(os.path.join(b, k)))
+    compared = [p for n in names for p in assert_same_tree(load_state(os.path.join(a, n)),
+                                                             load_state(os.path.join(b, n)), n)]
+    assert any(p.endswith("exp_avg_sq") for p in compared), f"no Adam state among {compared}"
+    return compared
+
+
+def run_and_resume(common: list, cwd: str, check, pythonpath: tuple = ()) -> list:
     """`common` (saving every step) run for 2 steps in `cwd`/runs, its metrics checked by `check`(out, 2); then
-    resumed from checkpoint-1: every metric of step 2 is the same. The keys compared."""
+    resumed from checkpoint-1: every metric of step 2, and checkpoint-2 (weights, optimizer, script state), are the
+    same. The keys compared."""
     out = os.path.join(cwd, "runs")
-    run_script(common + ["--output-dir", out], cwd=cwd)
+    run_script(common + ["--output-dir", out], cwd=cwd, pythonpath=pythonpath)
     full = check(out, 2)
-    return assert_same_step(full[1], resume_from_step_1(common, out, cwd)[1])
+    resumed = resume_from_step_1(common, out, cwd, pythonpath=pythonpath)
+    compared = assert_same_step(full[1], read_metrics(os.path.dirname(resumed))[1])
+    assert_same_checkpoint(os.path.join(out, os.listdir(out)[0], "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    return compared
 
 
 def run_two_ranks(script: str, model: str, dataset: str, out: str, args: list, cwd: str) -> None:

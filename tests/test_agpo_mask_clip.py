@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAKE_VLLM, ROOT, read_metrics, run_script, run_two_ranks, script_args, tiny_args
+from conftest import FAKE_VLLM, ROOT, read_metrics, run_and_resume, run_script, run_two_ranks, script_args, tiny_args
 
 import agpo_mask_clip as agpo
 
@@ -139,6 +139,26 @@ def test_one_process_refill(tiny_model, add_data, tmp_path):
         # a batch is all kept unless the rounds ran out
         assert m["agpo/masked_group_frac"] == 0 or m["agpo/refill_rounds"] == 3
     assert any(m["agpo/kept_tokens"] > 0 and m["grad_norm"] > 0 for m in metrics)
+
+
+def refilled(out: str, steps: int) -> list:
+    """The metrics of a run whose step 1 generated extra rounds and left a kept group in the pool, and whose step 2
+    generated extra rounds again."""
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert metrics[0]["agpo/refill_rounds"] > 0 and metrics[0]["agpo/refill_pool"] > 0, metrics[0]
+    assert metrics[1]["agpo/refill_rounds"] > 0, metrics[1]
+    return metrics
+
+
+def test_one_process_refill_resume(tiny_model, add_data, tmp_path):
+    """--resume with --refill: checkpoint-1's data position, moved by the extra rounds, and its pool of kept groups
+    are restored exactly: step 2's metrics and checkpoint-2 (weights, optimizer, data position, pool) as uninterrupted.
+    Groups of 2 and seed 3: groups are often all wrong or all right, so rounds are refilled (checked)."""
+    common = [*script_args(SCRIPT, tiny_model, add_data), *tiny_args(num_generations=2, learning_rate="1e-2"),
+              "--reward-funcs", "toy_rewards:has_a_pm1", "--refill", "--seed", "3", "--save-steps", "1"]
+    compared = run_and_resume(common, str(tmp_path), refilled, pythonpath=(FAKE_VLLM,))
+    assert {"agpo/refill_rounds", "agpo/refill_pool", "agpo/masked_group_frac"} <= set(compared)
 
 
 @pytest.mark.needs_vllm

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import (FAKE_VLLM, ROOT, assert_same_step, deepspeed_launcher, read_metrics, run_script, script_args,
-                      tiny_args)
+from conftest import (FAKE_VLLM, ROOT, assert_same_checkpoint, assert_same_step, deepspeed_launcher, read_metrics,
+                      resume_from_step_1, run_script, script_args, tiny_args)
 
 SCRIPT = os.path.join(ROOT, "grpo.py")
 TINY = tiny_args()
@@ -160,6 +160,9 @@ def test_one_process_vllm_and_resume(tiny_untied_model, add_data, tmp_path):
     resumed = read_metrics(out2)
     assert [m["step"] for m in resumed] == [1, 2]
     assert len(assert_same_step(full[1], resumed[1])) > 15
+    # after step 2's optimizer step (its metrics come before it): the weights, Adam's moments, the RNG states
+    name = os.listdir(out)[0]
+    assert_same_checkpoint(os.path.join(out, name, "checkpoint-2"), os.path.join(out2, name2, "checkpoint-2"))
 
 
 TWO_RANKS = [
@@ -173,12 +176,14 @@ TWO_RANKS = [
     "0.04",
     "--learning-rate",
     "1e-2",
+    "--save-steps",
+    "1",
 ]
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_model, add_data, tmp_path_factory):
-    """Two ranks, ZeRO-3, reference model (β > 0), a vLLM engine in each rank."""
+    """Two ranks, ZeRO-3, reference model (β > 0), a vLLM engine in each rank, a checkpoint every step."""
     cwd = tmp_path_factory.mktemp("two_ranks")
     out = str(cwd / "runs")
     launcher = deepspeed_launcher(2)
@@ -211,6 +216,19 @@ def test_deepspeed_two_ranks_zero3_vllm(two_rank_run, tiny_model):
     before = logprobs_of(tiny_model, [5, 6, 7], [8, 9, 10, 11])
     after = logprobs_of(ckpt, [5, 6, 7], [8, 9, 10, 11])
     assert (after - before).abs().max() > MOVED
+
+
+@needs_vllm
+def test_deepspeed_two_ranks_zero3_resume(two_rank_run, tiny_model, add_data, tmp_path):
+    """--resume from checkpoint-1 on two ranks with ZeRO-3 and β > 0: step 2's metrics and checkpoint-2 (the
+    weights, both ranks' optimizer shards and rank states) as uninterrupted."""
+    common = [*script_args(SCRIPT, tiny_model, add_data), *TWO_RANKS]
+    resumed = resume_from_step_1(common, two_rank_run, str(tmp_path), launcher=deepspeed_launcher(2))
+    assert len(assert_same_step(read_metrics(two_rank_run)[1], read_metrics(os.path.dirname(resumed))[1])) > 15
+    full = os.path.join(two_rank_run, os.listdir(two_rank_run)[0], "checkpoint-2")
+    compared = assert_same_checkpoint(full, os.path.join(resumed, "checkpoint-2"))
+    assert any("zero_pp_rank_1_mp_rank_00_optim_states.pt" in p for p in compared)
+    assert any(p.startswith("rank_state_1.pt/") for p in compared)
 
 
 def test_generation_stops_at_the_token_budget(tiny_model, add_data, tmp_path):
