@@ -122,15 +122,8 @@ def deepspeed_launcher(num_ranks: int = 2) -> list:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port", port]
 
 
-def run_script(
-    args: list,
-    cwd: str,
-    launcher: list | None = None,
-    timeout: int = 900,
-    pythonpath: tuple = (),
-    env: dict | None = None,
-) -> subprocess.CompletedProcess:
-    """Run a training script in a subprocess, as a user would, and fail with its output.
+def script_env(pythonpath: tuple = (), env: dict | None = None) -> dict:
+    """The environment of a training script run as a user would run it, with `env` added.
 
     PATH keeps no directory with a `deepspeed` executable in it, as in an unactivated venv, so a test
     that launched anything by its name on PATH would fail here as it fails for such a user.
@@ -138,7 +131,7 @@ def run_script(
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if not os.path.exists(os.path.join(d, "deepspeed"))]
     # the CPU allocator and OpenMP runtime of the README's setup, when this machine has them
     preload = [p for p in (TCMALLOC, os.path.join(sys.prefix, "lib", "libiomp5.so")) if os.path.exists(p)]
-    env = dict(
+    return dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([*pythonpath, ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
         PATH=os.pathsep.join(path),
@@ -148,8 +141,20 @@ def run_script(
         LD_PRELOAD=":".join(preload),
         **(env or {}),
     )
+
+
+def run_script(
+    args: list,
+    cwd: str,
+    launcher: list | None = None,
+    timeout: int = 900,
+    pythonpath: tuple = (),
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a training script in a subprocess, as a user would, and fail with its output."""
     cmd = (launcher or [sys.executable]) + args
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=script_env(pythonpath, env), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"

@@ -1,5 +1,6 @@
 """Rewards for the tests' synthetic tasks, in TRL's signature (passed as --reward-funcs module:function)."""
 
+import os
 import random
 
 
@@ -22,3 +23,10 @@ def python_random(prompts, completions, **kwargs):
 def parity_pm1(prompts, completions, **kwargs):
     """+1 if the completion has an even number of characters, else −1: mixed groups for any model and vocabulary."""
     return [1.0 if len(text) % 2 == 0 else -1.0 for text in completions]
+
+
+def fails_on_rank_1(prompts, completions, **kwargs):
+    """Raises on rank 1 only (RANK, set by the launcher), so its peers wait in a collective: the run must still end."""
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("toy reward failed on rank 1 on purpose")
+    return [0.0 for _ in completions]
