@@ -111,6 +111,12 @@ def add_data(tmp_path_factory) -> str:
 
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+# PATH keeps no directory with a `deepspeed` executable, as in an unactivated venv, so that a test that launched
+# anything by its name on PATH fails here as it would for such a user. The tests' own process uses it too: DeepSpeed
+# JIT-builds its CPU ops with the `ninja` on PATH, and two ninja versions (the venv's, the system's) rebuilt each other's
+# output, 23 s each time, in the scripts' launches and in this process by turns.
+os.environ["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                     if not os.path.exists(os.path.join(d, "deepspeed")))
 
 
 def deepspeed_launcher(num_ranks: int = 2) -> list:
@@ -125,16 +131,13 @@ def deepspeed_launcher(num_ranks: int = 2) -> list:
 def script_env(pythonpath: tuple = (), env: dict | None = None) -> dict:
     """The environment of a training script run as a user would run it, with `env` added.
 
-    PATH keeps no directory with a `deepspeed` executable in it, as in an unactivated venv, so a test
-    that launched anything by its name on PATH would fail here as it fails for such a user.
+    PATH is this process's, which keeps no directory with a `deepspeed` executable (above).
     """
-    path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if not os.path.exists(os.path.join(d, "deepspeed"))]
     # the CPU allocator and OpenMP runtime of the README's setup, when this machine has them
     preload = [p for p in (TCMALLOC, os.path.join(sys.prefix, "lib", "libiomp5.so")) if os.path.exists(p)]
     return dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([*pythonpath, ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
-        PATH=os.pathsep.join(path),
         VLLM_CPU_KVCACHE_SPACE="1",
         TOKENIZERS_PARALLELISM="false",
         WANDB_MODE="offline",
