@@ -113,8 +113,8 @@ def add_data(tmp_path_factory) -> str:
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 # PATH keeps no directory with a `deepspeed` executable, as in an unactivated venv, so that a test that launched
 # anything by its name on PATH fails here as it would for such a user. The tests' own process uses it too: DeepSpeed
-# JIT-builds its CPU ops with the `ninja` on PATH, and two ninja versions (the venv's, the system's) rebuilt each other's
-# output, 23 s each time, in the scripts' launches and in this process by turns.
+# JIT-builds its CPU ops with the `ninja` on PATH (the system's, ninja-build, .ci/run), and two ninja versions (the
+# venv's, the system's) rebuilt each other's output, 23 s each time, in the scripts' launches and here by turns.
 os.environ["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
                                      if not os.path.exists(os.path.join(d, "deepspeed")))
 

@@ -20,7 +20,8 @@ needs_vllm = pytest.mark.needs_vllm
 
 def test_defaults_are_the_readmes_run():
     a = a_grpo.Args()
-    assert (a.model, a.learning_rate, a.lr_schedule, a.warmup_ratio) == ("Qwen/Qwen2.5-0.5B-Instruct", 5e-7, "cosine", 0.03)
+    settings = (a.model, a.learning_rate, a.lr_schedule, a.warmup_ratio)
+    assert settings == ("Qwen/Qwen2.5-0.5B-Instruct", 5e-7, "cosine", 0.03)
     assert (a.num_generations, a.max_prompt_length, a.max_completion_length, a.total_steps) == (8, 256, 1024, 450)
     assert (a.beta, a.num_iterations, a.adv_mix_lambda, a.entropy_coef, a.kl_target) == (0.001, 2, 0.5, 1e-3, 0.01)
     assert a.kl_type == "symmetric" and a.adaptive_beta and a.adaptive_epsilon
@@ -61,7 +62,8 @@ def test_controllers_bounds_and_direction():
     assert high["epsilon"] == pytest.approx(0.2 * math.sqrt(0.01 / 0.02))
     low = a_grpo.initial_control(args)
     a_grpo.kl_controllers(low, 0.005, args)
-    assert low["beta"] == pytest.approx(0.001 * (1 - 0.05 * 0.2)) and low["epsilon"] == pytest.approx(0.2 * math.sqrt(2))
+    assert low["beta"] == pytest.approx(0.001 * (1 - 0.05 * 0.2))
+    assert low["epsilon"] == pytest.approx(0.2 * math.sqrt(2))
     a_grpo.kl_controllers(low, 0.015, args)
     assert low["kl_ema"] == pytest.approx(0.9 * 0.005 + 0.1 * 0.015)
     extreme = a_grpo.initial_control(args)
@@ -125,7 +127,8 @@ def test_one_rank_equals_two_ranks_for_advantages_and_controllers(split_runs):
 
 TINY = tiny_args(learning_rate="1e-2") + ["--reward-funcs", "toy_rewards:letter_a"]
 METRICS = ["agrpo/beta", "agrpo/eps", "agrpo/kl_ema", "kl", "kl/forward", "kl/reverse", "kl/symmetric", "entropy",
-           "clip_ratio/low_mean", "clip_ratio/high_mean", "reward", "grad_norm", "policy_loss", "tokens/generated_total"]
+           "clip_ratio/low_mean", "clip_ratio/high_mean", "reward", "grad_norm", "policy_loss",
+           "tokens/generated_total"]
 
 
 def check_run(out: str, steps: int) -> list:

@@ -374,5 +374,6 @@ def test_vllm_samples_of_identical_problems_all_differ(vllm_eval, tiny_model):
     """Every sample draws its own random stream: two data sets of two problems of the same text give 8 different
     completions of 16 tokens (every request carried seed --seed, so sample j of every problem was the same text)."""
     _, out, _ = vllm_eval
-    texts = [t for label in ("a.jsonl", "b.jsonl") for r in samples_of(out, tiny_model, label) for t in r["completions"]]
+    rows = samples_of(out, tiny_model, "a.jsonl") + samples_of(out, tiny_model, "b.jsonl")
+    texts = [t for r in rows for t in r["completions"]]
     assert len(texts) == 8 and len(set(texts)) == 8, texts

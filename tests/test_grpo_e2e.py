@@ -275,7 +275,7 @@ def test_hub_model_without_hub(monkeypatch, add_data):
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import (else ~23 s of retries)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import (else 23 s of retries)
     msg = run_main(["--model", "nobody/no-such-model", "--dataset", add_data], monkeypatch)
     assert "prepare_smollm2.sh" in msg
 

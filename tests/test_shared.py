@@ -244,11 +244,11 @@ for name in ALGORITHMS:
         args = make_args(algo, model=sys.argv[1], beta=0.04, gradient_checkpointing=ckpt, zero_stage=3,
                          max_prompt_length=32, max_completion_length=8, num_generations=2, prompts_per_step=1)
         engine, ref_engine = algo.setup_models(args, algo.deepspeed_config(args, False, 1), torch.float32, 10)
-        for model, engine in (("policy", engine), ("reference", ref_engine)):
-            if engine is not None:
+        for role, model in (("policy", engine), ("reference", ref_engine)):
+            if model is not None:
                 del calls[:]
-                algo.completion_logprobs(engine, batch, 1.0)
-                print(name, ckpt, model, "memory-efficient" if calls else "plain", torch.nn.functional.linear is linear)
+                algo.completion_logprobs(model, batch, 1.0)
+                print(name, ckpt, role, "memory-efficient" if calls else "plain", torch.nn.functional.linear is linear)
 if sys.argv[2:] == ["vllm"]:
     from vllm import SamplingParams
     llm = algo.setup_vllm(args, 0, torch.float32, False)
@@ -541,7 +541,8 @@ def test_identical_prompts_get_distinct_completions_and_the_stand_in_samples_as_
 @pytest.mark.parametrize("model", ["tiny_model", "tiny_untied_model"])
 def test_weight_sync_reaches_vllm_bucket_by_bucket(model, request, tmp_path):
     """docs/algorithms.md (6.10), tests/sync_check.py: on 2 ranks under ZeRO-3, with buckets of 4 KB (the embedding,
-    each decoder layer, the final norm and an untied lm_head each a bucket of its own, gathered from the shards in turn),
+    each decoder layer, the final norm and an untied lm_head each a bucket of its own, gathered from the shards in
+    turn),
     vLLM's log-probs differ from the trainer's after an optimizer step until sync_weights_to_vllm, and equal them after
     it, on every rank and in every script; with a tied lm_head (repacked on CPU) and an untied one."""
     out = str(tmp_path / "sync.json")
