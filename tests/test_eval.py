@@ -209,20 +209,17 @@ def test_vllm_request_carries_the_stop_tokens_and_no_seed():
     assert engine.params.stop_token_ids == [7, 9] and engine.params.seed is None
 
 
-def run_eval(model, data, out, tmp_path, *flags):
-    """eval.py on `data`, 2 samples at temperature 1, results in `out`."""
-    cmd = [os.path.join(ROOT, "eval.py"), "--model", model, "--datasets", data, "--n", "2", "--temperature", "1.0"]
-    return run_script([*cmd, "--output-dir", out, *flags], cwd=str(tmp_path))
-
-
-def _eval_run(tiny_model, tmp_path, extra):
+def test_end_to_end_transformers(tiny_model, tmp_path):
+    """eval.py generating with transformers: --limit, the per-problem rows, the table."""
     data = write_jsonl(
         str(tmp_path / "add.jsonl"),
         [{"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"} for a in range(4)]
         + [{"question": "broken", "answer": "???{"}],
     )
     out = str(tmp_path / "out")
-    proc = run_eval(tiny_model, data, out, tmp_path, "--max-tokens", "8", "--limit", "3", *extra)
+    proc = run_script([os.path.join(ROOT, "eval.py"), "--model", tiny_model, "--datasets", data, "--n", "2",
+                       "--temperature", "1.0", "--output-dir", out, "--max-tokens", "8", "--limit", "3",
+                       "--no-use-vllm"], cwd=str(tmp_path))
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)["results"][tiny_model]["add.jsonl"]
     lines = open(os.path.join(out, [f for f in os.listdir(out) if f.endswith(".jsonl")][0])).read().splitlines()
@@ -231,10 +228,6 @@ def _eval_run(tiny_model, tmp_path, extra):
     assert len(row["completions"]) == 2 and all(0 < n <= 8 for n in row["lengths"])
     assert 0 <= res["avg@2"] <= res["pass@2"] <= 1 and res["tokens_mean"] > 0
     assert "| model | data set | avg@2 | pass@2 | maj@2 |" in proc.stdout and "temperature=1.0" in proc.stdout
-
-
-def test_end_to_end_transformers(tiny_model, tmp_path):
-    _eval_run(tiny_model, tmp_path, ["--no-use-vllm"])
 
 
 # (gold, the 4 samples of its problem as (text, tokens)) for test_end_to_end_scores; a broken row comes last
