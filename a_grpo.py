@@ -17,7 +17,10 @@ the defaults of the README's run; μ = 2.
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the colocated engine lives in this process
+os.environ.setdefault("VLLM_FLOAT32_MATMUL_PRECISION", "high")  # vLLM sets it for the process: TF32 matmuls (6.3)
 
+import contextlib
+import functools
 import gc
 import json
 import logging
@@ -39,9 +42,9 @@ import torch.distributed as dist
 import tyro
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.linear import zero3_linear_wrap
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
+from transformers.integrations import HfDeepSpeedConfig
 
 import rewards
 
@@ -104,6 +107,8 @@ class Args:
     """gradient clipping by global norm (0 disables)"""
     skip_no_signal: bool = True
     """[ours] no optimizer step when no completion in it has a non-zero advantage (docs/algorithms.md (6.9))"""
+    tis_cap: float = 0.0
+    """[ours] C: each token's loss × min(π_old / π_vLLM, C), truncated importance sampling (6.12); 0: off"""
     total_steps: int = 450
     """training steps (one step = generate, score, μ × mini-batches optimizer steps)"""
     max_generated_tokens: int = 0
@@ -264,37 +269,72 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: flo
     return f
 
 
-def _chunk_logprobs(logits, ids, temperature: float, with_entropy: bool):
-    """ℓ of `ids` [B, c] under logits [B, c, V] at `temperature`, in fp32, and their entropy (with gradient: the
-    entropy bonus (4.3) trains on it)."""
-    x = logits.to(torch.float32, copy=True).div_(temperature)  # [B, c, V], the only fp32 copy
-    lse = torch.logsumexp(x, dim=-1)  # [B, c]
-    logp = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse  # [B, c]
-    entropy = None
-    if with_entropy:
-        entropy = lse - (torch.softmax(x, dim=-1) * x).sum(-1)  # [B, c]
-    return logp, entropy
+def tis_weights(old_logp, sampler_logp, mask, cap: float) -> torch.Tensor:
+    """docs/algorithms.md (6.12): min(exp(ℓold − ℓsampler), C) per token [B, T], 1 outside the mask."""
+    return torch.exp(torch.where(mask.bool(), old_logp - sampler_logp, 0.0)).clamp(max=cap).detach()
 
 
-def logprobs_of(logits, ids, temperature: float, with_entropy: bool):
-    """docs/algorithms.md (6.3): fp32 log-softmax LOGPROB_CHUNK positions at a time, recomputed in the backward."""
-    T = ids.shape[1]
-    recompute = torch.is_grad_enabled() and logits.requires_grad and LOGPROB_CHUNK < T
-    logps, entropies = [], []
-    for s in range(0, T, LOGPROB_CHUNK):
-        part = (logits[:, s : s + LOGPROB_CHUNK], ids[:, s : s + LOGPROB_CHUNK], temperature, with_entropy)
-        logp, entropy = checkpoint(_chunk_logprobs, *part, use_reentrant=False) if recompute else _chunk_logprobs(*part)
-        logps.append(logp)
-        entropies.append(entropy)
-    return torch.cat(logps, 1), (torch.cat(entropies, 1) if with_entropy else None)
+class OutputLogprobs(torch.autograd.Function):
+    """(6.3): ℓ of ids [B, T] and their entropy (with grad, (4.3)) from W [V, H] and hidden states [B, T, H], fp32."""
+
+    @staticmethod
+    def forward(ctx, weight, hidden, ids, temperature: float, with_entropy: bool):
+        ctx.save_for_backward(weight, hidden, ids)
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an entropy outside the loss: no gradient, and no work for it
+        w = weight.float()  # [V, H]; a copy only when the weights are bf16
+        logps, entropies = [], []
+        for s in range(0, ids.shape[1], LOGPROB_CHUNK):
+            x = (hidden[:, s : s + LOGPROB_CHUNK].float() @ w.T).div_(temperature)  # [B, c, V]
+            lse = torch.logsumexp(x, dim=-1)  # [B, c]
+            logps.append(x.gather(-1, ids[:, s : s + LOGPROB_CHUNK, None]).squeeze(-1) - lse)  # [B, c]
+            if with_entropy:
+                entropies.append(lse - (torch.softmax(x, dim=-1) * x).sum(-1))  # [B, c]
+        return torch.cat(logps, 1), (torch.cat(entropies, 1) if with_entropy else None)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        weight, hidden, ids = ctx.saved_tensors  # ZeRO-3 has the weight gathered for this backward (6.3)
+        w = weight.float()  # [V, H]
+        grad_weight, grad_hidden = torch.zeros_like(w), torch.empty_like(hidden)
+        for s in range(0, ids.shape[1], LOGPROB_CHUNK):
+            h = hidden[:, s : s + LOGPROB_CHUNK].float()  # [B, c, H]
+            g = grad_logp[:, s : s + LOGPROB_CHUNK, None]  # [B, c, 1]
+            logits = (h @ w.T).div_(ctx.temperature)  # [B, c, V]
+            p = torch.softmax(logits, dim=-1)  # [B, c, V]
+            x = p * -g  # ∂ℓ/∂x = onehot − p
+            if grad_entropy is not None:  # ∂H/∂x = −p (log p + H)
+                logp_all = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, c, V]
+                entropy = -(p * logp_all).sum(-1, keepdim=True)  # [B, c, 1]
+                x -= grad_entropy[:, s : s + LOGPROB_CHUNK, None] * p * (logp_all + entropy)
+            x.scatter_add_(-1, ids[:, s : s + LOGPROB_CHUNK, None], g).div_(ctx.temperature)  # ∂L/∂logits
+            grad_weight.addmm_(x.flatten(0, 1).T, h.flatten(0, 1))  # [V, H], summed over the chunks in fp32
+            grad_hidden[:, s : s + LOGPROB_CHUNK] = x @ w
+        return grad_weight.to(weight.dtype), grad_hidden, None, None, None
+
+
+def use_logprob_forward(model) -> None:
+    """(6.3): `model`'s forward becomes its decoder, then OutputLogprobs through its output layer (so ZeRO-3 gathers the
+    weight once each way); a model whose logits are more than that (a soft-cap, a scale, a bias) is refused."""
+    head, seen = model.get_output_embeddings(), []
+    with torch.no_grad(), model.get_decoder().register_forward_hook(lambda module, inputs, out: seen.append(out[0])):
+        logits = model(input_ids=torch.tensor([[1, 2, 3]], device=head.weight.device), use_cache=False).logits
+        if getattr(head, "bias", None) is not None or not torch.equal(head(seen[0]).to(logits.dtype), logits):
+            raise SystemExit(f"--model: a {type(model).__name__}'s logits are more than its output layer of the final "
+                             "hidden states (a soft-cap, a scale, a bias): unsupported, docs/algorithms.md (6.3)")
+
+    def forward(completion_ids, temperature, with_entropy, **inputs):  # inputs: input_ids, attention and position ids
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [B, P + T, H]
+        return head(hidden[:, -completion_ids.shape[1] - 1 : -1], completion_ids, temperature, with_entropy)
+
+    head.forward = functools.partial(OutputLogprobs.apply, head.weight)
+    model.forward = forward
 
 
 def completion_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
-    """Log-probs [B, T] of collate's completions (and their entropy); only T + 1 positions reach the output layer."""
-    ids = batch["completion_ids"]  # [B, T]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=ids.shape[1] + 1, use_cache=False).logits
-    return logprobs_of(logits[:, :-1], ids, temperature, with_entropy)  # logits [B, T + 1, V]
+    """Log-probs [B, T] of collate's completions (and their entropy), from a model set up by use_logprob_forward."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "completion_ids")}
+    return model(**inputs, temperature=temperature, with_entropy=with_entropy)
 
 
 # ---- Data ------------------------------------------------------------------------------------------------------------
@@ -384,19 +424,20 @@ def stream_seed(seed: int, use: str, round_id: int, rank: int) -> int:
 
 def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, temperatures: list, seed: int,
                      args: Args, stop_ids: list):
-    """G completions per example in one engine call, each example at its own temperature: (token ids, hit the
-    length limit) pairs, their text, the rewards [F, n] (NaN: cannot score) and the seconds spent generating."""
+    """G completions per example in one engine call, each example at its own temperature: (token ids, hit the length
+    limit, vLLM's ℓ of each) triples, their text, the rewards [F, n] (NaN: cannot score), the seconds generating."""
     from vllm import SamplingParams
 
     t0 = time.perf_counter()
-    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p,
+    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, logprobs=0,
                              max_tokens=args.max_completion_length, stop_token_ids=stop_ids) for t in temperatures]
     torch.manual_seed(seed)  # (6.5): no request has a seed; vLLM draws every row's noise (V1 runner) or seed
     np.random.seed([seed % 2**32, seed >> 32])  # (V2 runner, GPUs) from these generators, seeded per call
     outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in examples], params, use_tqdm=False)
-    generated = [(list(o.token_ids), o.finish_reason == "length") for out in outs for o in out.outputs]
+    sampled = [(o, [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)]) for out in outs for o in out.outputs]
+    generated = [(list(o.token_ids), o.finish_reason == "length", logps) for o, logps in sampled]
     seconds = time.perf_counter() - t0
-    completion_ids = [c for c, _ in generated]
+    completion_ids = [c for c, *_ in generated]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     values = score(reward_funcs, args.reward_funcs, examples, completions, completion_ids, args.num_generations)
     return generated, completions, values, seconds
@@ -412,8 +453,7 @@ def sync_weights_to_vllm(model: torch.nn.Module, llm) -> None:
             buckets.append(current)
             current, size = [], 0
         current.append((name, p))
-        size += nbytes
-        last_layer = layer
+        size, last_layer = size + nbytes, layer
     buckets.append(current)
 
     def weights():
@@ -428,18 +468,13 @@ def sync_weights_to_vllm(model: torch.nn.Module, llm) -> None:
 
 def stop_token_ids(model: str, tokenizer) -> list[int]:
     """The tokenizer's and generation config's EOS, and the chat template's end of turn (`<|im_end|>`) (6.5)."""
-    ids = {tokenizer.eos_token_id}
-    try:
+    ids, marker, tail = {tokenizer.eos_token_id}, "MARKER_6b1f", ""
+    with contextlib.suppress(Exception):  # no generation_config.json: the tokenizer's EOS is all there is
         eos = GenerationConfig.from_pretrained(model).eos_token_id
         ids.update(eos if isinstance(eos, list) else [eos])
-    except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
-        pass
-    marker = "MARKER_6b1f"
-    try:
+    with contextlib.suppress(Exception):  # no chat template, or one that rejects this conversation: no end of turn
         turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
         tail = tokenizer.apply_chat_template(turn, tokenize=False).split(marker)[-1].lstrip()
-    except Exception:  # no chat template, or one that rejects this conversation: no end-of-turn token
-        tail = ""
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids.update(set(tokenizer(tail, add_special_tokens=False)["input_ids"][:1]) & special)  # if special: the end of turn
     return sorted(i for i in ids if i is not None)
@@ -471,14 +506,15 @@ class Rollout:
     loss_mask: torch.Tensor  # [n, T] 1 on the completion tokens in the loss; T = the longest completion
     old_logp: Optional[torch.Tensor] = None  # [n, T] ℓold when the policy moves within the step; 0 on padding
     ref_logp: Optional[torch.Tensor] = None  # [n, T] ℓref when β > 0; 0 on padding
+    sampler_logp: Optional[torch.Tensor] = None  # [n, T] vLLM's ℓ of the tokens it sampled (6.12); 0 on padding
 
     def micro_batch(self, ix: list, device) -> dict:
         """Rows `ix` as model inputs, with their rows of the [n, T] tensors cut to their longest completion."""
         prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
         batch = collate(prompts, completions, device)
         width = batch["completion_ids"].shape[1]
-        cut = {"loss_mask": self.loss_mask, "old_logp": self.old_logp, "ref_logp": self.ref_logp}
-        batch.update({k: None if v is None else v[ix, :width].to(device) for k, v in cut.items()})
+        for k in ("loss_mask", "old_logp", "ref_logp", "sampler_logp"):  # [n, T] → [b, width]
+            batch[k] = None if getattr(self, k) is None else getattr(self, k)[ix, :width].to(device)
         batch["advantages"] = self.advantages[ix].to(device)
         return batch
 
@@ -516,8 +552,7 @@ class Metrics(dict):
         s, c = self.get(name, (0.0, 0.0))
         self[name] = (s + float(value_sum), c + float(count))
 
-    def add_total(self, name: str, value) -> None:
-        """A quantity summed over ranks (e.g. tokens generated), not averaged."""
+    def add_total(self, name: str, value) -> None:  # a quantity summed over ranks (e.g. tokens generated)
         s, _ = self.get(name, (0.0, 0.0))
         self[name] = (s + float(value), 1.0 / dist.get_world_size())  # the counts of all ranks add up to 1
 
@@ -536,17 +571,16 @@ def rollout_logprobs(engine, ref_engine, rollout: Rollout, micro_batches: list, 
     rollout.ref_logp = torch.zeros(n, T, device=device) if ref_engine is not None else None
     for ix in micro_batches:
         batch = rollout.micro_batch(ix, device)
-        width = batch["completion_ids"].shape[1]
         for model, out in ((engine, rollout.old_logp), (ref_engine, rollout.ref_logp)):
             if out is not None:
                 logp, _ = completion_logprobs(model, batch, args.temperature)
-                out[ix, :width] = logp * batch["completion_mask"]
+                out[ix, : logp.shape[1]] = logp * batch["completion_mask"]  # [b, width] of [n, T]
 
 
 def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Metrics, device, control: dict) -> None:
     """μ passes over this rank's rollout, each split into optimizer steps accumulated over micro-batches (1.4);
     β_t and ε_t move after every optimizer step (4.5), (4.6)."""
-    world, skipped = dist.get_world_size(), 0
+    world, skipped, gap_max = dist.get_world_size(), 0, -1.0  # gap_max: (6.12), −1 until a token is measured
     for it, optimizer_steps in enumerate(plan):
         for micro_batches in optimizer_steps:
             # (1.4): the normalisers count the whole optimizer step, every micro-batch and rank
@@ -576,6 +610,8 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
                 tok_loss, kl, low, high = grpo_token_loss(logp, old, batch["advantages"], mask, eps_low, eps_high,
                                                           batch["ref_logp"], control["beta"], entropy,
                                                           args.entropy_coef, args.kl_type, args.kl_clamp)
+                if args.tis_cap > 0:  # (6.12)
+                    tok_loss = tok_loss * tis_weights(old, batch["sampler_logp"], mask, args.tis_cap)
                 weights = token_weights(mask, args.loss_type, num_seqs, num_tokens, args.max_completion_length)
                 loss = (tok_loss * weights).sum() * world  # DeepSpeed averages over ranks; we undo its 1/GAS
                 engine.backward(loss, scale_wrt_gas=False)
@@ -593,6 +629,11 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
                         forward, reverse = torch.expm1(delta) - delta, delta * torch.exp(delta) - torch.expm1(delta)
                     for name, v in (("forward", forward), ("reverse", reverse), ("symmetric", (forward + reverse) / 2)):
                         metrics.add(f"kl/{name}", v.sum(), tokens)
+                if it == 0:  # (6.12): the sampler's ℓ against the trainer's before any update
+                    gap = (old - batch["sampler_logp"]).abs()[m]  # [tokens]
+                    metrics.add("mismatch/abs_diff_mean", gap.sum(), tokens)
+                    gap_max = max(gap_max, gap.max().item() if tokens else -1.0)
+                    metrics.add("mismatch/ratio_outside_frac", (gap > math.log(2)).sum(), tokens)  # ∉ [1/2, 2]
                 metrics.add("clip_ratio/low_mean", low[m].sum(), tokens)
                 metrics.add("clip_ratio/high_mean", high[m].sum(), tokens)
             metrics.add("policy_loss", loss_sum, 1.0 / world)  # summed over ranks = this optimizer step's loss
@@ -604,6 +645,7 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
                 dist.all_reduce(step_kl)
                 kl_controllers(control, (step_kl[0] / step_kl[1].clamp(min=1)).item(), args)
     metrics.add("update/skipped_steps", skipped, 1.0)  # the same on every rank
+    metrics.add("mismatch/abs_diff_max", max(gap_max, 0.0), float(gap_max >= 0))  # (6.12): averaged over ranks
 
 
 def log_rollout(add, values, total: torch.Tensor, names: list, G: int, lengths: list, truncated: list) -> None:
@@ -652,10 +694,8 @@ def save_checkpoint(engine, tokenizer, run_dir: str, step: int, state: dict, ran
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    if engine.zero_optimization_partition_weights():  # ZeRO-3: a consolidated copy on rank 0
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = engine.module.state_dict()
+    partitioned = engine.zero_optimization_partition_weights()  # ZeRO-3: a consolidated copy on rank 0
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if partitioned else engine.module.state_dict()
     if rank == 0:
         engine.module.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
@@ -693,8 +733,8 @@ def validate(args: Args, world: int) -> None:
         problems.append(f"--temperature {args.temperature} must be > 0 and --top-p {args.top_p} in (0, 1]")
     if not (0 <= args.epsilon < 1 and args.epsilon_high >= 0):
         problems.append("--epsilon must be in [0, 1) and --epsilon-high >= 0")
-    if args.beta < 0 or args.learning_rate <= 0 or not 0 <= args.warmup_ratio < 1:
-        problems.append("--beta must be >= 0, --learning-rate > 0 and --warmup-ratio in [0, 1)")
+    if args.beta < 0 or args.learning_rate <= 0 or not 0 <= args.warmup_ratio < 1 or 0 != args.tis_cap < 1:
+        problems.append("--beta must be >= 0, --learning-rate > 0, --warmup-ratio in [0, 1) and --tis-cap 0 or >= 1")
     if min(args.max_prompt_length, args.max_completion_length, args.total_steps, args.num_iterations) < 1:
         problems.append("--max-prompt-length, --max-completion-length, --total-steps and --num-iterations must be >= 1")
     if min(args.seed, args.save_steps, args.max_generated_tokens) < 0:
@@ -745,8 +785,7 @@ def deepspeed_config(args: Args, on_gpu: bool, grad_accum: int) -> dict:
         "steps_per_print": 10**9,
     }
     if on_gpu and args.zero_stage > 0:  # bf16 weights; gradients accumulated and reduced in fp32
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-        config["communication_data_type"] = "fp32"
+        config.update(data_types={"grad_accum_dtype": "fp32"}, communication_data_type="fp32")
     return config
 
 
@@ -763,8 +802,6 @@ def load_model(args: Args, dtype):
 def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
     """The policy as a DeepSpeed engine (AdamW, schedule), and the frozen reference when β > 0 (1.5)."""
     if args.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
     policy = load_model(args, dtype)
     if args.zero_stage == 3 and args.gradient_checkpointing != "on":  # (6.8): the memory-efficient Linear, policy only
@@ -778,12 +815,14 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     engine.train()
+    use_logprob_forward(engine.module)
     if args.beta == 0:
         return engine, None
     ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16")}
     ref_config["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0, "memory_efficient_linear": False}
     ref_engine, *_ = deepspeed.initialize(model=load_model(args, dtype), config=ref_config)
     ref_engine.eval()
+    use_logprob_forward(ref_engine.module)
     return engine, ref_engine
 
 
@@ -799,6 +838,7 @@ def setup_vllm(args: Args, rank: int, dtype, on_gpu: bool):
     return LLM(model=args.model, seed=args.seed + rank, dtype=dtype, distributed_executor_backend="external_launcher",
                gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_model_len=max_len,
                enable_sleep_mode=on_gpu, generation_config="vllm",  # our sampling settings, not the model's
+               logprobs_mode="processed_logprobs",  # (6.12): ℓ after temperature and top-p, as sampled
                **({} if on_gpu else cpu_vllm_kwargs(args.model, sequences, max_len)))
 
 
@@ -852,9 +892,7 @@ def setup(args: Args, on_gpu: bool, log):
     state, resume_dir, run_dir, wandb_run = start_run(args, world, rank)  # after every flag is settled
     log(f"run {state['run_name']}: {len(examples)} prompts ({n_missing} without question/gold, {n_long} over "
         f"{args.max_prompt_length} tokens skipped)")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)  # Python's, numpy's and torch's generators
     dtype = torch.bfloat16 if on_gpu else torch.float32  # CPU kernels train in fp32
     grad_accum = args.prompts_per_step // world * args.num_generations // args.num_mini_batches // args.micro_batch_size
     total_updates = args.total_steps * args.num_iterations * args.num_mini_batches
@@ -925,8 +963,7 @@ def main() -> None:
     reward_funcs = [rewards.get_reward_func(n) for n in args.reward_funcs]
     device, on_gpu, log = init_distributed()
     tokenizer, examples, engine, ref_engine, llm, state, rank_state, run_dir, wandb_run = setup(args, on_gpu, log)
-    rank = dist.get_rank()
-    G, local_prompts = args.num_generations, args.prompts_per_step // world
+    rank, G, local_prompts = dist.get_rank(), args.num_generations, args.prompts_per_step // world
     reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float64)
     stop_ids = stop_token_ids(args.model, tokenizer)
     control = rank_state.setdefault("control", initial_control(args))  # β_t, ε_t, m: saved in every checkpoint (4.5)
@@ -945,11 +982,11 @@ def main() -> None:
         generated, completions, values, time_generate = sample_and_score(  # values: [F, n]
             llm, tokenizer, reward_funcs, batch_examples, [args.temperature] * local_prompts,
             stream_seed(args.seed, "generate", round_id, rank), args, stop_ids)
-        step_metrics.add_total("tokens/generated_step", sum(len(c) for c, _ in generated))
+        step_metrics.add_total("tokens/generated_step", sum(len(c) for c, *_ in generated))
         add("time/generate", time_generate)  # the mean over ranks, as every time/*
         if on_gpu:
             llm.sleep(level=2)  # frees vLLM's memory for the update; the weights are re-sent after it
-        completion_ids = [c for c, _ in generated]
+        completion_ids = [c for c, *_ in generated]
         lengths = [len(c) for c in completion_ids]
 
         # ALGO LOGIC: reward, advantages and the tokens in the loss (docs/algorithms.md (4.1))
@@ -957,12 +994,14 @@ def main() -> None:
         batch_mean, batch_std = global_reward_stats(total, device)  # over every rank's completions
         advantages = mixed_advantages(total, G, args.adv_mix_lambda, batch_mean, batch_std, args.scale_rewards)  # [n]
         loss_mask = completion_mask(lengths)  # [n, T]: every completion token
-        log_rollout(add, values, total, args.reward_funcs, G, lengths, [t for _, t in generated])
+        log_rollout(add, values, total, args.reward_funcs, G, lengths, [t for _, t, _ in generated])
 
         # 2. log-probs of the batch under the old policy and the reference (no grad)
         t0 = time.perf_counter()
         rollout = Rollout(prompt_ids=[e["prompt_ids"] for e in batch_examples for _ in range(G)],
-                          completion_ids=completion_ids, advantages=advantages.float(), loss_mask=loss_mask)
+                          completion_ids=completion_ids, advantages=advantages.float(), loss_mask=loss_mask,
+                          sampler_logp=torch.zeros_like(loss_mask))
+        rollout.sampler_logp[completion_mask(lengths).bool()] = torch.tensor([x for *_, lp in generated for x in lp])
         shuffle_generator = torch.Generator().manual_seed(stream_seed(args.seed, "shuffle", step, rank))
         plan = update_plan(len(completion_ids), args, shuffle_generator)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)
@@ -996,8 +1035,7 @@ def main() -> None:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             metrics["memory/peak_gib"] = peak.item()
             torch.cuda.reset_peak_memory_stats()
-        step_tokens = metrics.pop("tokens/generated_step")
-        state["tokens_generated"] += int(round(step_tokens))
+        state["tokens_generated"] += int(round(metrics.pop("tokens/generated_step")))
         metrics.update(step=step + 1, lr=engine.get_lr()[0], **{"tokens/generated_total": state["tokens_generated"]})
         state["step"] = step + 1
         budget_spent = 0 < args.max_generated_tokens <= state["tokens_generated"]

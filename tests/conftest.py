@@ -33,12 +33,21 @@ def make_args(algo, **overrides):
 
 
 def make_rollout(algo, prompt_ids, completion_ids, advantages, loss_mask):
-    """A script's Rollout; in a script with a clip range per prompt, every prompt gets 0.2."""
+    """A script's Rollout (vLLM's log-probs 0); in a script with a clip range per prompt, every prompt gets 0.2."""
     rollout = algo.Rollout(prompt_ids=prompt_ids, completion_ids=completion_ids, advantages=advantages,
-                           loss_mask=loss_mask)
+                           loss_mask=loss_mask, sampler_logp=torch.zeros_like(loss_mask))
     if hasattr(rollout, "epsilon"):
         rollout.epsilon = torch.full((len(completion_ids),), 0.2)
     return rollout
+
+
+def logprob_model(algo, model_dir: str, dtype=torch.float32):
+    """A transformers model that computes log-probs as the scripts' engines do (algo.use_logprob_forward)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    algo.use_logprob_forward(model)
+    return model
 
 
 def update_policy(algo, engine, rollout, plan, args, metrics, device="cpu"):

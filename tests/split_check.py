@@ -1,6 +1,7 @@
 """What every training script reduces over ranks, on fixed data, saved to a file, so that a test can compare one rank
 with two: one optimizer step of each script's `update_policy` on a fixed rollout, a_grpo.py's advantages (4.1) and
-three steps of agpo_adaptive.py's controllers (3.7), (3.8), (3.11). One launch checks every script.
+three steps of agpo_adaptive.py's controllers (3.7), (3.8), (3.11), and how often ZeRO-3 gathers the output layer's
+weight for one log-prob forward and backward (6.3). One launch checks every script.
 
     python tests/split_check.py MODEL OUT.pt                                                 # 1 rank, 4 micro-batches
     python -m deepspeed.launcher.runner --num_gpus 2 tests/split_check.py MODEL OUT.pt leaf  # 2 ranks, 2 each
@@ -72,6 +73,7 @@ def one_step(algo, model_dir: str, leaf: bool, mine: slice) -> dict:
         control = algo.initial_control(args) if hasattr(algo, "initial_control") else None
         plan = algo.update_plan(share, args, torch.Generator())
         extra = (control,) if control is not None else ()
+        algo.use_logprob_forward(engine.module)
         algo.update_policy(engine, rollout, plan, args, algo.Metrics(), torch.device("cpu"), *extra)
         params = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):
@@ -116,6 +118,35 @@ def agpo_adaptive_controllers(rank: int, world: int) -> dict:
     return {"controller": controller, "tau": torch.stack(taus), "eps": torch.stack(epsilons)}
 
 
+def output_layer_gathers(model_dir: str) -> dict:
+    """(tied, chunk) → how many all-gathers of ZeRO-3 fetch the output layer's weight in one log-prob forward and in its
+    backward, for a completion of 8 tokens in 1 chunk and in 4 (every parameter partitioned, however small)."""
+    import grpo
+
+    counts = {}
+    for tied in (True, False):
+        for chunk in (10**9, 2):
+            grpo.LOGPROB_CHUNK = chunk
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, tie_word_embeddings=tied)
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                      "zero_allow_untested_optimizer": True}
+            engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                              config=config)
+            grpo.use_logprob_forward(engine.module)
+            weight, fetched = engine.module.get_output_embeddings().weight, []
+            for p in engine.module.parameters():  # ZeRO-3 fetches a group of parameters with its first one's method
+                p.all_gather_coalesced = (lambda gather: lambda group, **kw: fetched.append(
+                    any(q is weight for q in group)) or gather(group, **kw))(p.all_gather_coalesced)
+            batch = grpo.collate([[5, 6, 7], [8, 9]], [list(range(10, 18)), list(range(20, 27))], "cpu")
+            logp, _ = grpo.completion_logprobs(engine, batch, 1.0)
+            forward = sum(fetched)
+            engine.backward(logp.sum())
+            counts[tied, chunk] = (forward, sum(fetched) - forward)
+    grpo.LOGPROB_CHUNK = 256
+    return counts
+
+
 def gather(values: torch.Tensor) -> torch.Tensor:
     """Every rank's `values`, concatenated in rank order."""
     parts = [torch.zeros_like(values) for _ in range(dist.get_world_size())]
@@ -133,6 +164,7 @@ def main() -> None:
     results = {name: one_step(algo, model_dir, leaf, mine) for name, algo in modules.items()}
     results["a_grpo_advantages"] = a_grpo_advantages(slice(rank * 16 // world, (rank + 1) * 16 // world))
     results["agpo_adaptive_controllers"] = agpo_adaptive_controllers(rank, world)
+    results["output_layer_gathers"] = output_layer_gathers(model_dir)
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

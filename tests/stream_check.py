@@ -35,9 +35,9 @@ def main() -> None:
         algo_args = algo.Args(**{k: getattr(args, k) for k in ("model", "max_completion_length", "num_generations",
                                                                  "seed")}, reward_funcs=["zero"])
         generated, _, _, _ = algo.sample_and_score(llm, tokenizer, [zero], examples, [1.0] * 4, 5, algo_args, stops)
-        out[name] = [ids for ids, _ in generated]
+        out[name] = [ids for ids, *_ in generated]
     generated, _, _, _ = grpo.sample_and_score(llm, tokenizer, [zero], examples, [1.0] * 4, 5, args, stops)
-    out["grpo_again"] = [ids for ids, _ in generated]
+    out["grpo_again"] = [ids for ids, *_ in generated]
     params = [SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=100 + i) for i in range(4)]
     outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in examples], params, use_tqdm=False)
     out["seeded"] = [list(o.token_ids) for r in outs for o in r.outputs]

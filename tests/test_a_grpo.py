@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import (FAKE_VLLM, ROOT, make_args, read_metrics, run_and_resume, run_script,
+from conftest import (FAKE_VLLM, ROOT, logprob_model, make_args, read_metrics, run_and_resume, run_script,
                       run_two_ranks, script_args, tiny_args)
-from transformers import AutoModelForCausalLM
 
 import a_grpo
 import grpo
@@ -88,7 +87,7 @@ def test_every_mechanism_off_is_grpo(tiny_model, world_of_one):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 200, (4,), generator=g).tolist() for _ in range(8)]
     completions = [torch.randint(5, 200, (L,), generator=g).tolist() for L in lengths]
-    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ref_model = logprob_model(grpo, tiny_model)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
         for p in ref_model.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=g))
@@ -98,8 +97,8 @@ def test_every_mechanism_off_is_grpo(tiny_model, world_of_one):
                          kl_type="k3", entropy_coef=0.0, adaptive_beta=False, adaptive_epsilon=False)
         adv = grpo.group_advantages(rewards, 4) if algo is grpo else a_grpo.mixed_advantages(rewards, 4, 1.0, 9.9, 9.9)
         rollout = algo.Rollout(prompt_ids=prompts, completion_ids=completions, advantages=adv.float(),
-                               loss_mask=algo.completion_mask(lengths))
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+                               loss_mask=algo.completion_mask(lengths), sampler_logp=torch.zeros(8, max(lengths)))
+        model = logprob_model(algo, tiny_model)
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole step
         metrics = algo.Metrics()

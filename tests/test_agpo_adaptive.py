@@ -5,12 +5,12 @@ import math
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import (FAKE_VLLM, ROOT, make_args, read_metrics, run_and_resume, run_script,
+from conftest import (FAKE_VLLM, ROOT, logprob_model, make_args, read_metrics, run_and_resume, run_script,
                       run_two_ranks, script_args, tiny_args)
-from transformers import AutoModelForCausalLM
 
 import agpo_adaptive as agpo
 import grpo
@@ -264,10 +264,10 @@ def test_controllers_off_reduce_to_grpo(tiny_model, world_of_one):
                          probe=False, adaptive_temperature=False, adaptive_clip=False)
         adv = (agpo.adaptive_advantages(rewards, 4, "std") if algo is agpo else grpo.group_advantages(rewards, 4))
         rollout = algo.Rollout(prompt_ids=prompts, completion_ids=completions, advantages=adv.float(),
-                               loss_mask=algo.completion_mask(lengths))
+                               loss_mask=algo.completion_mask(lengths), sampler_logp=torch.zeros(8, max(lengths)))
         if algo is agpo:
             rollout.epsilon = torch.full((8,), args.eps_base)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model = logprob_model(algo, tiny_model)
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole optimizer step
         metrics = algo.Metrics()
@@ -288,7 +288,7 @@ def test_each_training_request_reaches_vllm_with_its_own_temperature(world_of_on
     class FakeLLM:
         def generate(self, prompts, params, use_tqdm=False):
             self.prompts, self.params = prompts, params
-            out = type("O", (), {"token_ids": [7], "finish_reason": "stop"})
+            out = SimpleNamespace(token_ids=[7], finish_reason="stop", logprobs=[{7: SimpleNamespace(logprob=-1.0)}])
             return [type("R", (), {"outputs": [out] * 2})() for _ in prompts]
 
     class Tokenizer:

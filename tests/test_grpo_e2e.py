@@ -3,6 +3,7 @@ with ZeRO-3 and colocated vLLM, --resume, and the errors on bad input."""
 
 import glob
 import json
+import math
 import os
 import sys
 
@@ -27,6 +28,9 @@ METRICS = [
     "kl",
     "clip_ratio/low_mean",
     "clip_ratio/high_mean",
+    "mismatch/abs_diff_mean",
+    "mismatch/abs_diff_max",
+    "mismatch/ratio_outside_frac",
     "policy_loss",
     "grad_norm",
     "lr",
@@ -212,10 +216,25 @@ def test_deepspeed_two_ranks_zero3_vllm(two_rank_run, tiny_model):
     metrics = check_run(two_rank_run, 2)
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[1]["kl"] > 0  # the policy left the reference
     assert all(m["grad_norm"] > 0 for m in metrics)
+    # (6.12): vLLM's CPU engine samples in fp32 from what the trainer computes, up to float noise
+    assert all(m["mismatch/abs_diff_max"] < 1e-4 and m["mismatch/ratio_outside_frac"] == 0 for m in metrics)
     ckpt = os.path.join(two_rank_run, os.listdir(two_rank_run)[0], "checkpoint-2")
     before = logprobs_of(tiny_model, [5, 6, 7], [8, 9, 10, 11])
     after = logprobs_of(ckpt, [5, 6, 7], [8, 9, 10, 11])
     assert (after - before).abs().max() > MOVED
+
+
+@needs_vllm
+def test_vllm_logprobs_are_after_top_p_and_the_tis_flag_runs(tiny_model, add_data, tmp_path):
+    """docs/algorithms.md (6.12): vLLM returns the log-prob of the distribution it sampled from, after top-p: with
+    --top-p 0.9 on the random tiny model (its nucleus holds just over 0.9 of the probability) every sampled token's
+    log-prob is the trainer's plus −log(nucleus mass), up to −log 0.9 = 0.105. --tis-cap 2 trains on it."""
+    out = str(tmp_path / "runs")
+    run_script([*script_args(SCRIPT, tiny_model, add_data, out), *tiny_args(total_steps=1), *TOY, "--top-p", "0.9",
+                "--tis-cap", "2"], cwd=str(tmp_path))
+    (m,) = check_run(out, 1)
+    assert 0.09 < m["mismatch/abs_diff_mean"] <= m["mismatch/abs_diff_max"] <= -math.log(0.9) + 1e-4
+    assert m["mismatch/ratio_outside_frac"] == 0 and m["grad_norm"] > 0
 
 
 @needs_vllm
@@ -346,6 +365,7 @@ def test_prompts_too_long_are_counted(monkeypatch, tiny_model, add_data):
         (["--num-mini-batches", "3", "--prompts-per-step", "1", "--num-generations", "4"], "--num-mini-batches 3"),
         (["--reward-weights", "1", "2"], "one --reward-weights value each"),
         (["--top-p", "0"], "--top-p"),
+        (["--tis-cap", "0.5"], "--tis-cap 0 or >= 1"),
     ],
 )
 def test_batch_arithmetic_and_flags(monkeypatch, argv, needle):

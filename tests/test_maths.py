@@ -143,14 +143,15 @@ def test_collate_pads_prompts_left_and_completions_right():
 
 
 def test_completion_logprobs_match_a_full_forward(tiny_model):
-    """Left padding and logits_to_keep must not change the log-probs of the completion tokens."""
+    """Left padding and the output layer on the completion's positions only must not change their log-probs."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     prompts, completions = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]]
+    full = [model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] for p, c in zip(prompts, completions)]
+    grpo.use_logprob_forward(model)
     logp, ent = grpo.completion_logprobs(model, grpo.collate(prompts, completions, "cpu"), 1.0, with_entropy=True)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+    for i, (c, logits) in enumerate(zip(completions, full)):
         ref = torch.log_softmax(logits, -1)[range(len(c)), c]
         assert torch.allclose(logp[i, : len(c)], ref, atol=1e-5)
         probs = torch.softmax(logits, -1)

@@ -24,3 +24,14 @@ def test_one_rank_four_micro_batches_equals_two_ranks_two(module, tiny_model, sp
     # the comparison is sharp enough to tell the loss types apart on these unequal lengths
     assert not torch.allclose(a["grpo"]["weights"]["model.embed_tokens.weight"],
                               a["dapo"]["weights"]["model.embed_tokens.weight"], atol=1e-6)
+
+
+def test_zero3_gathers_the_output_layer_once_each_way(split_runs):
+    """docs/algorithms.md (6.3): on two ranks under ZeRO-3, every parameter partitioned, one log-prob forward and its
+    backward fetch the output layer's weight as often with the completion in 4 chunks as in 1: once in the forward, and
+    in the backward at most once (ZeRO-3 may keep it from the forward), once more for a tied embedding's gradient."""
+    _, two = split_runs
+    counts = two["output_layer_gathers"]
+    for tied in (False, True):
+        (forward, backward), one_chunk = counts[tied, 2], counts[tied, 10**9]
+        assert (forward, backward) == one_chunk and forward == 1 and backward <= 1 + tied, (tied, counts)

@@ -4,10 +4,13 @@ vLLM is not installed (the GPU machine: `PYTHONPATH=tests/fake_vllm`) and the ti
 
 Sampling follows vLLM's: the request's temperature, then top-p, no top-k, stop at any
 stop token (kept), finish_reason "length" when max_tokens ran out; an unseeded request draws from the process's
-random state, child j of a request with seed s samples with s + j. The engine holds its own copy of the model;
+random state, child j of a request with seed s samples with s + j; `logprobs=0` returns each sampled token's
+log-prob, after temperature and top-p (logprobs_mode "processed_logprobs") or before (the default, "raw_logprobs").
+The engine holds its own copy of the model;
 reload_weights copies the trainer's weights into it, so a test through this engine also checks the sync's names.
 """
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -15,13 +18,17 @@ from transformers import AutoModelForCausalLM
 
 
 class SamplingParams:
-    def __init__(self, n=1, temperature=1.0, top_p=1.0, seed=None, max_tokens=16, stop_token_ids=(), **_):
-        self.n, self.temperature, self.top_p, self.seed = n, temperature, top_p, seed
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, seed=None, max_tokens=16, stop_token_ids=(), logprobs=None,
+                 **_):
+        self.n, self.temperature, self.top_p, self.seed, self.logprobs = n, temperature, top_p, seed, logprobs
         self.max_tokens, self.stop_token_ids = max_tokens, list(stop_token_ids or [])
 
 
 class LLM:
-    def __init__(self, model: str, dtype=None, **_):
+    def __init__(self, model: str, dtype=None, logprobs_mode="raw_logprobs", **_):
+        self.logprobs_mode = logprobs_mode
+        if torch.cuda.is_available():  # as vLLM's GPU worker does, for its whole process
+            torch.set_float32_matmul_precision(os.environ.get("VLLM_FLOAT32_MATMUL_PRECISION", "highest"))
         self.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
 
@@ -33,26 +40,35 @@ class LLM:
     def _sample(self, prompt_ids: list, p: SamplingParams):
         ids = torch.tensor([prompt_ids], device=self.device)  # [1, P]
         if p.seed is None:  # vLLM: unseeded requests draw from the process's random state
-            out = self._generate(ids, p, p.n)  # [n, P + new]
+            out, logps = self._generate(ids, p, p.n)  # [n, P + new], [n, new]
         else:  # vLLM: child j of a seeded request samples with seed + j, the caller's random state left as it was
             out = []
             for j in range(p.n):
                 with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
                     torch.manual_seed(p.seed + j)
                     out.append(self._generate(ids, p, 1))
-            out = torch.nn.utils.rnn.pad_sequence([o[0] for o in out], batch_first=True)  # [n, P + new]
+            logps = torch.nn.utils.rnn.pad_sequence([lp[0] for _, lp in out], batch_first=True)  # [n, new]
+            out = torch.nn.utils.rnn.pad_sequence([o[0] for o, _ in out], batch_first=True)  # [n, P + new]
         completions = []
-        for row in out[:, len(prompt_ids):].tolist():
+        for row, row_logps in zip(out[:, len(prompt_ids):].tolist(), logps.tolist()):
             cut = next((j + 1 for j, t in enumerate(row) if t in p.stop_token_ids), None)
-            completions.append(SimpleNamespace(token_ids=row[:cut] if cut else row,
-                                               finish_reason="stop" if cut else "length"))
+            row = row[:cut] if cut else row
+            logprobs = [{t: SimpleNamespace(logprob=v)} for t, v in zip(row, row_logps)]
+            completions.append(SimpleNamespace(token_ids=row, finish_reason="stop" if cut else "length",
+                                               logprobs=logprobs if p.logprobs is not None else None))
         return SimpleNamespace(outputs=completions)
 
     def _generate(self, ids, p: SamplingParams, n: int):
-        return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                   temperature=p.temperature, top_p=p.top_p, top_k=0, max_new_tokens=p.max_tokens,
-                                   num_return_sequences=n, eos_token_id=p.stop_token_ids or None,
-                                   pad_token_id=(p.stop_token_ids or [0])[0])  # [n, P + new]
+        """[n, P + new] token ids and [n, new] the log-prob of each new token (HF's scores: after the warpers)."""
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                  temperature=p.temperature, top_p=p.top_p, top_k=0, max_new_tokens=p.max_tokens,
+                                  num_return_sequences=n, eos_token_id=p.stop_token_ids or None,
+                                  pad_token_id=(p.stop_token_ids or [0])[0], return_dict_in_generate=True,
+                                  output_scores=True, output_logits=True)
+        steps = out.scores if self.logprobs_mode == "processed_logprobs" else out.logits  # new × [n, V]
+        new = out.sequences[:, ids.shape[1] :]  # [n, new]
+        logps = torch.stack([torch.log_softmax(x.float(), -1) for x in steps], 1)  # [n, new, V]
+        return out.sequences, logps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
     def collective_rpc(self, method, kwargs=None):
