@@ -6,8 +6,7 @@ a JSON file and a markdown table.
 
 Targets (issue #2): weight sync < 5% of step time; vLLM generation >= 5x transformers at G = 8;
 no phase more than 20% slower than the same work done directly. It also reports the peak memory of
-one log-prob forward + backward with the fp32 log-softmax in one piece and in chunks (issue #9),
-measured by bench/logprob_memory.py in a process of its own.
+one log-prob forward + backward (issues #9 and #32), measured by bench/logprob_memory.py in a process of its own.
 """
 
 import json
@@ -89,6 +88,7 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
     llm = grpo.setup_vllm(gargs, 0, torch.float32, torch.cuda.is_available())  # the trainer's engine settings
     gen_t, gen_tok, fwd_t, upd_t, tokens = [], [], [], [], []
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    grpo.use_logprob_forward(model)  # the scripts' log-probs (docs/algorithms.md (6.3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for step in range(steps):
         idx = grpo.prompt_indices(step * args.prompts_per_step, args.prompts_per_step, len(examples), gargs.seed)
@@ -133,20 +133,14 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
 
 
 def logprob_memory(args: BenchArgs) -> dict:
-    """Peak memory of one log-prob forward + backward, fp32 log-softmax in one piece vs in chunks of 256: of the
-    whole micro-batch, and of the log-softmax stage alone (what the chunks change)."""
-    out = {}
-    for stage in ("micro-batch", "log-softmax"):
-        for chunk in (0, 256):
-            cmd = [sys.executable, os.path.join(ROOT, "bench", "logprob_memory.py"), "--model", args.model,
-                   "--chunk-size", str(chunk), "--completion-length", str(args.memory_completion_length),
-                   "--stage", stage]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=with_pythonpath(ROOT))
-            if proc.returncode:
-                raise SystemExit(f"logprob_memory.py failed:\n{proc.stderr[-3000:]}")
-            key = f"{stage}/{'one_piece' if chunk == 0 else 'chunks_of_256'}"
-            out[key] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    """Peak memory of one log-prob forward + backward of a micro-batch (bench/logprob_memory.py, a narrow random model
+    with Qwen2.5's vocabulary), in fp32 as on CPUs."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "logprob_memory.py"), "--one", "--dtype", "float32",
+           "--completion-length", str(args.memory_completion_length)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=with_pythonpath(ROOT))
+    if proc.returncode:
+        raise SystemExit(f"logprob_memory.py failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def summarise(m: list, skip_first: bool) -> dict:
@@ -264,16 +258,9 @@ def main() -> None:
     )
     lines.append(f"| weight sync (s) | {vllm_run['weight_sync_s']:.3f} | - | - |")
     lines.append(f"| step (s) | {vllm_run['step_s']:.2f} | {hf_run['step_s']:.2f} | - |")
-    one = memory["micro-batch/one_piece"]
-    lines += ["", f"Peak memory of one log-prob forward + backward ({one['micro_batch_size']} × "
-              f"{one['completion_length']} tokens, vocabulary {one['vocab']}, {one['device']}; fp32 logits of the "
-              f"micro-batch: {one['fp32_logits_of_the_micro_batch_mib']:.0f} MiB), peak over resident in MiB "
-              "(seconds):", "",
-              "| fp32 log-softmax | whole micro-batch (model included) | log-softmax stage alone |", "|---|---|---|"]
-    for key, name in (("one_piece", "in one piece (before)"), ("chunks_of_256", "in chunks of 256, recomputed")):
-        whole, stage = memory[f"micro-batch/{key}"], memory[f"log-softmax/{key}"]
-        lines.append(f"| {name} | {whole['peak_over_before_mib']:.0f} ({whole['seconds']:.1f} s) | "
-                     f"{stage['peak_over_before_mib']:.0f} ({stage['seconds']:.1f} s) |")
+    lines += ["", f"Peak memory of one log-prob forward + backward ({memory['micro_batch_size']} × "
+              f"{memory['completion_length']} tokens, vocabulary {memory['vocab']:,}, {memory['device']}, "
+              f"{memory['dtype']}): {memory['peak_over_before_mib']:,.0f} MiB over resident ({memory['seconds']} s)"]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -110,6 +110,7 @@ def one_variant(args: Args) -> dict:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     if stage is None:
         model = grpo.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+        grpo.use_logprob_forward(model)  # the scripts' log-probs (docs/algorithms.md (6.3))
         if gargs.gradient_checkpointing == "on":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -132,7 +133,8 @@ def one_variant(args: Args) -> dict:
                    for _ in range(args.sequences)]
     rollout = grpo.Rollout(prompt_ids=prompts, completion_ids=completions,
                            advantages=torch.randn(args.sequences, generator=g),
-                           loss_mask=grpo.completion_mask([len(c) for c in completions]))
+                           loss_mask=grpo.completion_mask([len(c) for c in completions]),
+                           sampler_logp=torch.zeros(args.sequences, args.completion_length))
     plan = grpo.update_plan(args.sequences, gargs, g)
     real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
 
