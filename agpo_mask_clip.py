@@ -386,13 +386,13 @@ def sample_and_score(llm, tokenizer, reward_funcs: list, examples: list, tempera
     from vllm import SamplingParams
 
     t0 = time.perf_counter()
-    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, logprobs=0,
+    params = [SamplingParams(n=args.num_generations, temperature=t, top_p=args.top_p, logprobs=0, flat_logprobs=True,
                              max_tokens=args.max_completion_length, stop_token_ids=stop_ids) for t in temperatures]
     torch.manual_seed(seed)  # (6.5): no request has a seed; vLLM draws every row's noise (V1 runner) or seed
     np.random.seed([seed % 2**32, seed >> 32])  # (V2 runner, GPUs) from these generators, seeded per call
     outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in examples], params, use_tqdm=False)
-    sampled = [(o, [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)]) for out in outs for o in out.outputs]
-    generated = [(list(o.token_ids), o.finish_reason == "length", logps) for o, logps in sampled]
+    generated = [(list(o.token_ids), o.finish_reason == "length", o.logprobs.logprobs)  # (6.12): one ℓ per token
+                 for out in outs for o in out.outputs]
     seconds = time.perf_counter() - t0
     completion_ids = [c for c, *_ in generated]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -957,7 +957,7 @@ def main() -> None:
         rollout = Rollout(prompt_ids=[e["prompt_ids"] for e in batch_examples for _ in range(G)],
                           completion_ids=completion_ids, advantages=advantages.float(), loss_mask=loss_mask,
                           sampler_logp=torch.zeros_like(loss_mask))
-        rollout.sampler_logp[completion_mask(lengths).bool()] = torch.tensor([x for *_, lp in generated for x in lp])
+        rollout.sampler_logp[completion_mask(lengths).bool()] = torch.cat([torch.tensor(lp) for *_, lp in generated])
         shuffle_generator = torch.Generator().manual_seed(stream_seed(args.seed, "shuffle", step, rank))
         plan = update_plan(len(completion_ids), args, shuffle_generator)
         rollout_logprobs(engine, ref_engine, rollout, [ix for mini in plan[0] for ix in mini], args, device)

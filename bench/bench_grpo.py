@@ -94,8 +94,8 @@ def direct_baselines(args: BenchArgs, steps: int) -> dict:
         idx = grpo.prompt_indices(step * args.prompts_per_step, args.prompts_per_step, len(examples), gargs.seed)
         prompts = [examples[i]["prompt_ids"] for i in idx]
         t = time.perf_counter()
-        params = [SamplingParams(n=args.num_generations, temperature=gargs.temperature, top_p=gargs.top_p,
-                                 max_tokens=args.max_completion_length, stop_token_ids=stop)
+        params = [SamplingParams(n=args.num_generations, temperature=gargs.temperature, top_p=gargs.top_p, logprobs=0,
+                                 flat_logprobs=True, max_tokens=args.max_completion_length, stop_token_ids=stop)
                   for _ in prompts]  # the trainer's requests
         seed = grpo.stream_seed(gargs.seed, "generate", step, 0)
         torch.manual_seed(seed)  # the trainer's seeding

@@ -123,7 +123,7 @@ def output_layer_gathers(model_dir: str) -> dict:
     backward, for a completion of 8 tokens in 1 chunk and in 4 (every parameter partitioned, however small)."""
     import grpo
 
-    counts = {}
+    counts, default = {}, grpo.LOGPROB_CHUNK
     for tied in (True, False):
         for chunk in (10**9, 2):
             grpo.LOGPROB_CHUNK = chunk
@@ -143,7 +143,7 @@ def output_layer_gathers(model_dir: str) -> dict:
             forward = sum(fetched)
             engine.backward(logp.sum())
             counts[tied, chunk] = (forward, sum(fetched) - forward)
-    grpo.LOGPROB_CHUNK = 256
+    grpo.LOGPROB_CHUNK = default
     return counts
 
 

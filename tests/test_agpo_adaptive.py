@@ -288,7 +288,7 @@ def test_each_training_request_reaches_vllm_with_its_own_temperature(world_of_on
     class FakeLLM:
         def generate(self, prompts, params, use_tqdm=False):
             self.prompts, self.params = prompts, params
-            out = SimpleNamespace(token_ids=[7], finish_reason="stop", logprobs=[{7: SimpleNamespace(logprob=-1.0)}])
+            out = SimpleNamespace(token_ids=[7], finish_reason="stop", logprobs=SimpleNamespace(logprobs=[-1.0]))
             return [type("R", (), {"outputs": [out] * 2})() for _ in prompts]
 
     class Tokenizer:

@@ -487,7 +487,7 @@ class RecordingEngine:
 
     def generate(self, prompts, params, use_tqdm=False):
         self.params, self.draws = params, (torch.randint(2**62, ()).item(), np.random.randint(2**62))
-        out = SimpleNamespace(token_ids=[7], finish_reason="stop", logprobs=[{7: SimpleNamespace(logprob=-1.0)}])
+        out = SimpleNamespace(token_ids=[7], finish_reason="stop", logprobs=SimpleNamespace(logprobs=[-1.0]))
         return [type("R", (), {"outputs": [out] * p.n})() for p in params]
 
     class Tokenizer:

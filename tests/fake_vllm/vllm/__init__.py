@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM
 
 class SamplingParams:
     def __init__(self, n=1, temperature=1.0, top_p=1.0, seed=None, max_tokens=16, stop_token_ids=(), logprobs=None,
-                 **_):
+                 flat_logprobs=False, **_):
         self.n, self.temperature, self.top_p, self.seed, self.logprobs = n, temperature, top_p, seed, logprobs
+        self.flat_logprobs = flat_logprobs
         self.max_tokens, self.stop_token_ids = max_tokens, list(stop_token_ids or [])
 
 
@@ -54,6 +55,8 @@ class LLM:
             cut = next((j + 1 for j, t in enumerate(row) if t in p.stop_token_ids), None)
             row = row[:cut] if cut else row
             logprobs = [{t: SimpleNamespace(logprob=v)} for t, v in zip(row, row_logps)]
+            if p.flat_logprobs:  # vLLM's FlatLogprobs: the sampled tokens' log-probs as one list
+                logprobs = SimpleNamespace(logprobs=row_logps[: len(row)])
             completions.append(SimpleNamespace(token_ids=row, finish_reason="stop" if cut else "length",
                                                logprobs=logprobs if p.logprobs is not None else None))
         return SimpleNamespace(outputs=completions)
