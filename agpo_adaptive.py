@@ -377,18 +377,14 @@ def token_weights(mask: torch.Tensor, loss_type: str, num_seqs: int, num_tokens:
     return mask / (num_seqs * max_len)  # dr_grpo
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float):
-    """Learning-rate multiplier per optimizer step: linear warm-up, then constant, cosine or linear to min_ratio."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 if schedule == "constant" else min_ratio + (1 - min_ratio) * (1 - progress)
-
-    return f
+def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float, step: int) -> float:
+    """The learning rate's factor at optimizer step `step`: linear warm-up, then constant, cosine or linear decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 if schedule == "constant" else min_ratio + (1 - min_ratio) * (1 - progress)
 
 
 def tis_weights(old_logp, sampler_logp, mask, cap: float) -> torch.Tensor:
@@ -522,9 +518,8 @@ def prompt_indices(start: int, count: int, num_examples: int, seed: int) -> list
 
 def score(reward_funcs: list, names: list, examples: list, completions: list, completion_ids: list, G: int):
     """[F, n] float64 rewards, a row per reward function; NaN where it cannot score (returns None)."""
-    prompts = [e["prompt"] for e in examples for _ in range(G)]
-    answers = [e["answer"] for e in examples for _ in range(G)]
-    columns = dict(prompts=prompts, completions=completions, answer=answers, completion_ids=completion_ids,
+    columns = dict(prompts=[e["prompt"] for e in examples for _ in range(G)], completions=completions,
+                   answer=[e["answer"] for e in examples for _ in range(G)], completion_ids=completion_ids,
                    num_generations=G)
     values = [rewards.checked(name, fn(**columns), len(completions)) for name, fn in zip(names, reward_funcs)]
     return torch.tensor(values, dtype=torch.float64)
@@ -627,15 +622,15 @@ class Rollout:
     epsilon: Optional[torch.Tensor] = None  # [n] ε_q of each completion's prompt (3.8)
 
     def micro_batch(self, ix: list, device) -> dict:
-        """Rows `ix` as model inputs, with their rows of the [n, T] tensors cut to their longest completion."""
-        prompts, completions = [self.prompt_ids[i] for i in ix], [self.completion_ids[i] for i in ix]
-        batch = collate(prompts, completions, device)
+        """Rows `ix` as model inputs, their rows of the [n, T] tensors cut to their longest completion; []: a filler."""
+        rows = ix or [min(range(len(self.completion_ids)), key=lambda i: len(self.completion_ids[i]))]  # (6.13)
+        batch = collate([self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows], device)
         width = batch["completion_ids"].shape[1]
         for k in ("loss_mask", "old_logp", "ref_logp", "sampler_logp"):  # [n, T] → [b, width]
-            batch[k] = None if getattr(self, k) is None else getattr(self, k)[ix, :width].to(device)
-        batch["advantages"] = self.advantages[ix].to(device)
-        batch["epsilon"] = None if self.epsilon is None else self.epsilon[ix].unsqueeze(-1).to(device)  # [b, 1]
-        return batch
+            batch[k] = None if getattr(self, k) is None else getattr(self, k)[rows, :width].to(device)
+        batch["loss_mask"] = batch["loss_mask"] * bool(ix)  # a filler's row adds nothing to the loss
+        batch["epsilon"] = None if self.epsilon is None else self.epsilon[rows].unsqueeze(-1).to(device)  # [b, 1]
+        return batch | {"advantages": self.advantages[rows].to(device)}
 
 
 def completion_mask(lengths: list) -> torch.Tensor:
@@ -643,15 +638,30 @@ def completion_mask(lengths: list) -> torch.Tensor:
     return (torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]).float()
 
 
-def update_plan(n: int, args: Args, shuffle_generator: torch.Generator) -> list:
-    """plan[pass][optimizer step][micro-batch] → completion indices, shuffled per pass when the policy moves (6.1)."""
-    shuffle = args.num_iterations * args.num_mini_batches > 1
-    mini, micro = n // args.num_mini_batches, args.micro_batch_size
+def update_plan(rollout: Rollout, args: Args, shuffle_generator: torch.Generator, device) -> list:
+    """plan[pass] → optimizer steps: (micro-batches, sequences and tokens in the loss, skipped); (1.4), (6.1), (6.13)"""
+    n, micro = len(rollout.completion_ids), args.micro_batch_size
+    mini, shuffle = n // args.num_mini_batches, args.num_iterations * args.num_mini_batches > 1
+    in_loss = rollout.loss_mask.any(1)  # [n]
+    signal = in_loss & (rollout.advantages.abs() > 1e-6)  # [n]; (6.9): 1e-6 is float noise
+    computed = in_loss if args.beta > 0 or args.adaptive_clip else signal  # [n]; (6.13): the KL gives a row without
+    # signal a gradient; ε_q reads ℓold and the entropy of every row (3.5), (3.6), from the first pass's micro-batches
+    orders = [torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
+              for _ in range(args.num_iterations)]  # a pass's order
+    steps = [order[s : s + mini] for order in orders for s in range(0, n, mini)]  # each optimizer step's rows
+    totals = torch.tensor([[in_loss[r].sum(), rollout.loss_mask[r].sum(), signal[r].sum()] for r in steps],
+                          dtype=torch.float64, device=device)  # [steps, 3]: sequences, tokens, rows with signal
+    dist.all_reduce(totals)  # (1.4): the normalisers count every row of the optimizer step, on every rank
+    rows = [sorted((i for i in r if computed[i]), key=lambda i: len(rollout.completion_ids[i])) for r in steps]
+    widths = torch.tensor([-(-len(r) // micro) for r in rows], device=device)  # [steps]: micro-batches on this rank
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX)  # (6.13): ZeRO-3 gathers collectively, so as many on every rank
     plan = []
-    for _ in range(args.num_iterations):
-        order = torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
-        plan.append([[order[s + k : s + k + micro] for k in range(0, mini, micro)] for s in range(0, n, mini)])
-    return plan
+    for r, (num_seqs, num_tokens, num_signal), width in zip(rows, totals.tolist(), widths.tolist()):
+        skip = num_tokens == 0 or (num_signal == 0 and args.skip_no_signal)  # (6.9)
+        micro_batches = [r[k * micro : (k + 1) * micro] for k in range(max(width, 1))]
+        micro_batches = [] if skip and not args.adaptive_clip else micro_batches  # ε_q: ℓold of skipped steps too
+        plan.append((micro_batches, int(num_seqs), int(num_tokens), skip))
+    return [plan[s : s + args.num_mini_batches] for s in range(0, len(plan), args.num_mini_batches)]
 
 
 class Metrics(dict):
@@ -674,19 +684,18 @@ class Metrics(dict):
 
 @torch.no_grad()
 def rollout_logprobs(engine, ref_engine, rollout: Rollout, micro_batches: list, args: Args, device):
-    """Fill rollout.old_logp (when the policy moves within the step (6.1), or for ε_q) and rollout.ref_logp
-    ([n, T]), at temperature 1 (3.10); return the policy's token entropy [n, T] from the same pass (3.5) (ℓold's)."""
+    """Fill rollout.old_logp (when the policy moves within the step (6.1), or for ε_q) and rollout.ref_logp [n, T]
+    on the first pass's rows, at temperature 1 (3.10); return the policy's token entropy [n, T] from that pass (3.5)."""
     need_old = args.num_iterations * args.num_mini_batches > 1 or args.adaptive_clip  # ε_q needs H and the drift
-    n, T = rollout.loss_mask.shape
-    rollout.old_logp = torch.zeros(n, T, device=device) if need_old else None
-    rollout.ref_logp = torch.zeros(n, T, device=device) if ref_engine is not None else None
-    entropy = torch.zeros(n, T, device=device) if need_old else None
+    rollout.old_logp = torch.zeros_like(rollout.loss_mask, device=device) if need_old else None  # [n, T]
+    rollout.ref_logp = torch.zeros_like(rollout.loss_mask, device=device) if ref_engine is not None else None
+    entropy = torch.zeros_like(rollout.loss_mask, device=device) if need_old else None
     for ix in micro_batches:
         batch = rollout.micro_batch(ix, device)
         for model, out in ((engine, rollout.old_logp), (ref_engine, rollout.ref_logp)):
             if out is not None:
                 logp, ent = completion_logprobs(model, batch, 1.0, with_entropy=out is rollout.old_logp)
-                out[ix, : logp.shape[1]] = logp * batch["completion_mask"]  # [b, width] of [n, T]
+                out[ix, : logp.shape[1]] = logp * batch["completion_mask"]  # [b, width] of [n, T]; a filler: none
                 if ent is not None:
                     entropy[ix, : logp.shape[1]] = ent * batch["completion_mask"]
     return entropy
@@ -728,27 +737,20 @@ def global_extremes(values: torch.Tensor, device) -> tuple[float, float]:
 
 def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Metrics, device) -> None:
     """μ passes over this rank's rollout, each split into optimizer steps accumulated over micro-batches (1.4)."""
-    world, skipped, gap_max = dist.get_world_size(), 0, -1.0  # gap_max: (6.12), −1 until a token is measured
+    world, gap_max = dist.get_world_size(), -1.0  # gap_max: (6.12), −1 until a token is measured
     for it, optimizer_steps in enumerate(plan):
-        for micro_batches in optimizer_steps:
-            # (1.4): the normalisers count the whole optimizer step, every micro-batch and rank
-            rows = [i for ix in micro_batches for i in ix]
-            in_loss = rollout.loss_mask[rows]  # [rows, T]
-            seqs = in_loss.any(1)  # [rows]
-            signal = seqs & (rollout.advantages[rows].abs() > 1e-6)  # [rows]; (6.9): 1e-6 is float noise
-            counts = torch.stack([seqs.sum(), in_loss.sum(), signal.sum()]).to(device=device, dtype=torch.float64)
-            dist.all_reduce(counts)
-            num_seqs, num_tokens, num_signal = (int(c) for c in counts.tolist())
-            if num_tokens == 0 or (num_signal == 0 and args.skip_no_signal):  # (6.9)
-                skipped += 1
+        for micro_batches, num_seqs, num_tokens, skip in optimizer_steps:
+            if skip:  # (6.9)
                 continue
             loss_sum = 0.0
-            for ix in micro_batches:
+            for k, ix in enumerate(micro_batches):
+                engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)  # (6.13): its last micro-batch
                 batch = rollout.micro_batch(ix, device)
                 mask = batch["loss_mask"]  # [b, t]
                 positions = batch["input_ids"].numel()
                 metrics.add("update/padding_fraction", positions - batch["tokens"], positions)
-                metrics.add_total("update/real_tokens", batch["tokens"])  # summed over micro-batches, passes, ranks
+                metrics.add_total("update/rows", len(batch["advantages"]))  # summed over micro-batches, passes, ranks
+                metrics.add_total("update/real_tokens", batch["tokens"])
                 logp, entropy = completion_logprobs(engine, batch, 1.0, with_entropy=it == 0)
                 old = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
                 # ALGO LOGIC: the per-token loss with its prompt's ε_q, and its weight (docs/algorithms.md (3.10))
@@ -778,7 +780,7 @@ def update_policy(engine, rollout: Rollout, plan: list, args: Args, metrics: Met
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics.add("grad_norm", float(grad_norm), 1.0)
-    metrics.add("update/skipped_steps", skipped, 1.0)  # the same on every rank
+    metrics.add("update/skipped_steps", sum(skip for steps in plan for *_, skip in steps), 1.0)  # the same on all ranks
     metrics.add("mismatch/abs_diff_max", max(gap_max, 0.0), float(gap_max >= 0))  # (6.12): averaged over ranks
 
 
@@ -943,13 +945,13 @@ def setup_models(args: Args, ds_config: dict, dtype, total_updates: int):
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  weights are partitioned while loading
     policy = load_model(args, dtype)
     if args.zero_stage == 3 and args.gradient_checkpointing != "on":  # (6.8): the memory-efficient Linear, policy only
-        for m in policy.modules():
-            if type(m) is torch.nn.Linear:
-                m.forward = lambda x, m=m: zero3_linear_wrap(x, m.weight, m.bias)
+        for m in (m for m in policy.modules() if type(m) is torch.nn.Linear):
+            m.forward = lambda x, m=m: zero3_linear_wrap(x, m.weight, m.bias)
     if args.gradient_checkpointing == "on":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = lr_lambda(args.lr_schedule, int(args.warmup_ratio * total_updates), total_updates, MIN_LR_RATIO)
+    schedule = functools.partial(lr_multiplier, args.lr_schedule, int(args.warmup_ratio * total_updates), total_updates,
+                                 MIN_LR_RATIO)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     engine.train()
@@ -1147,8 +1149,7 @@ def main() -> None:
         add("time/probe", time_probe)
         if on_gpu:
             llm.sleep(level=2)  # frees vLLM's memory for the update; the weights are re-sent after it
-        completion_ids = [c for c, *_ in generated]
-        lengths = [len(c) for c in completion_ids]
+        lengths = [len(c) for c, *_ in generated]
 
         # ALGO LOGIC: reward, advantages and the tokens in the loss (docs/algorithms.md (3.9))
         total = (reward_weights.unsqueeze(1) * values).sum(0)  # [n], NaN if any function cannot score
@@ -1163,12 +1164,12 @@ def main() -> None:
         # 2. log-probs of the batch under the old policy and the reference (no grad)
         t0 = time.perf_counter()
         rollout = Rollout(prompt_ids=[e["prompt_ids"] for e in batch_examples for _ in range(G)],
-                          completion_ids=completion_ids, advantages=advantages.float(), loss_mask=loss_mask,
-                          sampler_logp=torch.zeros_like(loss_mask))
+                          completion_ids=[c for c, *_ in generated], advantages=advantages.float(),
+                          loss_mask=loss_mask, sampler_logp=torch.zeros_like(loss_mask))
         rollout.sampler_logp[completion_mask(lengths).bool()] = torch.cat([torch.tensor(lp) for *_, lp in generated])
         shuffle_generator = torch.Generator().manual_seed(stream_seed(args.seed, "shuffle", step, rank))
-        plan = update_plan(len(completion_ids), args, shuffle_generator)
-        micro_batches = [ix for mini in plan[0] for ix in mini]
+        plan = update_plan(rollout, args, shuffle_generator, device)
+        micro_batches = [ix for mini, *_ in plan[0] for ix in mini]
         entropy = rollout_logprobs(engine, ref_engine, rollout, micro_batches, args, device)  # [n, T]
         # ALGO LOGIC: each prompt's clip range from the policy's entropy, the probes and the drift (3.5), (3.8)
         epsilon = torch.full((local_prompts,), args.eps_base, dtype=torch.float64)  # [P]

@@ -66,11 +66,11 @@ class Args:
 
 
 class PlainEngine:
-    """What update_policy asks of a DeepSpeed engine: forward, backward, and an optimizer step every
-    `accumulation` micro-batches, with the gradient norm of the last step."""
+    """What update_policy asks of a DeepSpeed engine: forward, backward, and an optimizer step at the end of each
+    optimizer step's micro-batches (the accumulation boundary update_policy sets), with the gradient norm of the last."""
 
-    def __init__(self, model, optimizer, accumulation: int):
-        self.module, self.optimizer, self.accumulation, self.calls, self.norm = model, optimizer, accumulation, 0, None
+    def __init__(self, model, optimizer):
+        self.module, self.optimizer, self.boundary, self.norm = model, optimizer, True, None
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -78,9 +78,11 @@ class PlainEngine:
     def backward(self, loss, scale_wrt_gas=False):
         loss.backward()
 
+    def set_gradient_accumulation_boundary(self, boundary):
+        self.boundary = boundary
+
     def step(self):
-        self.calls += 1
-        if self.calls % self.accumulation == 0:
+        if self.boundary:
             self.norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -114,7 +116,7 @@ def one_variant(args: Args) -> dict:
         if gargs.gradient_checkpointing == "on":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        engine = PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-6), accumulation)
+        engine = PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-6))
     else:
         config = grpo.deepspeed_config(gargs, on_gpu, accumulation)
         if "_bf16grad" in name:
@@ -135,7 +137,7 @@ def one_variant(args: Args) -> dict:
                            advantages=torch.randn(args.sequences, generator=g),
                            loss_mask=grpo.completion_mask([len(c) for c in completions]),
                            sampler_logp=torch.zeros(args.sequences, args.completion_length))
-    plan = grpo.update_plan(args.sequences, gargs, g)
+    plan = grpo.update_plan(rollout, gargs, g, device)
     real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
 
     def update():

@@ -71,7 +71,7 @@ def one_step(algo, model_dir: str, leaf: bool, mine: slice) -> dict:
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
         )
         control = algo.initial_control(args) if hasattr(algo, "initial_control") else None
-        plan = algo.update_plan(share, args, torch.Generator())
+        plan = algo.update_plan(rollout, args, torch.Generator(), "cpu")
         extra = (control,) if control is not None else ()
         algo.use_logprob_forward(engine.module)
         algo.update_policy(engine, rollout, plan, args, algo.Metrics(), torch.device("cpu"), *extra)

@@ -102,8 +102,8 @@ def test_every_mechanism_off_is_grpo(tiny_model, world_of_one):
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole step
         metrics = algo.Metrics()
-        plan = algo.update_plan(8, args, torch.Generator().manual_seed(1))
-        algo.rollout_logprobs(engine, ref_model, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        plan = algo.update_plan(rollout, args, torch.Generator().manual_seed(1), "cpu")
+        algo.rollout_logprobs(engine, ref_model, rollout, [ix for mini, *_ in plan[0] for ix in mini], args, "cpu")
         extra = (a_grpo.initial_control(args),) if algo is a_grpo else ()
         algo.update_policy(engine, rollout, plan, args, metrics, "cpu", *extra)
         grads[algo] = torch.cat([p.grad.flatten() for p in model.parameters()])

@@ -271,8 +271,8 @@ def test_controllers_off_reduce_to_grpo(tiny_model, world_of_one):
         engine = PlainEngine(model)
         engine.step = lambda: engine.grad_norms.append(0.0)  # keeps the gradient of the whole optimizer step
         metrics = algo.Metrics()
-        plan = algo.update_plan(8, args, torch.Generator())
-        algo.rollout_logprobs(engine, None, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        plan = algo.update_plan(rollout, args, torch.Generator(), "cpu")
+        algo.rollout_logprobs(engine, None, rollout, [ix for mini, *_ in plan[0] for ix in mini], args, "cpu")
         algo.update_policy(engine, rollout, plan, args, metrics, "cpu")
         grads[algo] = torch.cat([p.grad.flatten() for p in model.parameters()])
         losses[algo] = metrics["policy_loss"][0]

@@ -31,6 +31,8 @@ METRICS = [
     "mismatch/abs_diff_mean",
     "mismatch/abs_diff_max",
     "mismatch/ratio_outside_frac",
+    "update/rows",
+    "update/real_tokens",
     "policy_loss",
     "grad_norm",
     "lr",

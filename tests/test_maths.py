@@ -1,5 +1,6 @@
 """Unit tests of grpo.py's maths against docs/algorithms.md §1, on hand-made numbers."""
 
+import functools
 import math
 
 import numpy as np
@@ -108,17 +109,17 @@ def test_loss_does_not_depend_on_the_micro_batch_split(loss_type):
 
 
 def test_lr_schedules():
-    f = grpo.lr_lambda("constant", 2, 10, grpo.MIN_LR_RATIO)
+    f = functools.partial(grpo.lr_multiplier, "constant", 2, 10, grpo.MIN_LR_RATIO)
     assert [round(f(s), 4) for s in range(4)] == [round(1 / 3, 4), round(2 / 3, 4), 1.0, 1.0]
     assert f(10) == 1.0  # constant: no decay
     # the scripts' cosine and linear schedules decay to 0 (MIN_LR_RATIO, no longer a flag) at the last update
     assert grpo.MIN_LR_RATIO == 0.0
-    c = grpo.lr_lambda("cosine", 0, 10, grpo.MIN_LR_RATIO)
+    c = functools.partial(grpo.lr_multiplier, "cosine", 0, 10, grpo.MIN_LR_RATIO)
     assert c(0) == pytest.approx(1.0) and c(5) == pytest.approx(0.5) and c(10) == pytest.approx(0.0, abs=1e-12)
-    lin = grpo.lr_lambda("linear", 2, 12, grpo.MIN_LR_RATIO)
+    lin = functools.partial(grpo.lr_multiplier, "linear", 2, 12, grpo.MIN_LR_RATIO)
     assert lin(2) == pytest.approx(1.0) and lin(7) == pytest.approx(0.5) and lin(12) == pytest.approx(0.0, abs=1e-12)
     assert lin(20) == pytest.approx(0.0, abs=1e-12)  # past the end it stays at 0
-    floor = grpo.lr_lambda("cosine", 0, 10, 0.1)  # the floor the function takes, when it is not 0
+    floor = functools.partial(grpo.lr_multiplier, "cosine", 0, 10, 0.1)  # the floor the function takes, when it is not 0
     assert floor(10) == pytest.approx(0.1) and floor(5) == pytest.approx(0.55)
 
 

@@ -28,11 +28,13 @@ each = pytest.mark.parametrize("algo", list(MODULES.values()), ids=list(MODULES)
 
 
 class PlainEngine:
-    """What update_policy asks of a DeepSpeed engine, on a plain model in one process."""
+    """What update_policy asks of a DeepSpeed engine, on a plain model in one process: gradients accumulate over an
+    optimizer step's micro-batches; its step records their norm and the gradient, zeroes them, and leaves the weights
+    as they are."""
 
     def __init__(self, model):
         self.module = model
-        self.grad_norms = []
+        self.grad_norms, self.grads, self.boundary = [], [], True
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -40,18 +42,29 @@ class PlainEngine:
     def backward(self, loss, scale_wrt_gas=False):
         loss.backward()
 
+    def set_gradient_accumulation_boundary(self, boundary):
+        self.boundary = boundary
+
     def step(self):
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        self.grad_norms.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item())
-        self.module.zero_grad()
+        if self.boundary:
+            grad = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()
+                              for p in self.module.parameters()])
+            self.grads.append(grad)
+            self.grad_norms.append(grad.double().norm().item())
+            self.module.zero_grad()
 
     def get_global_grad_norm(self):
         return self.grad_norms[-1]
 
 
 def plan_of(algo, rollout, args, seed):
-    """The update plan main() makes for this rollout."""
-    return algo.update_plan(len(rollout.completion_ids), args, torch.Generator().manual_seed(seed))
+    """The update plan main() makes for this rollout (in a world of one)."""
+    return algo.update_plan(rollout, args, torch.Generator().manual_seed(seed), "cpu")
+
+
+def first_pass(plan):
+    """The micro-batches of the update's first pass, as main() hands them to rollout_logprobs."""
+    return [ix for micro_batches, *_ in plan[0] for ix in micro_batches]
 
 
 def rollout_of(algo, lengths, seed=0):
@@ -83,11 +96,11 @@ def test_padded_positions_never_reach_an_exp(algo, tiny_model, world_of_one, mon
     engine = PlainEngine(logprob_model(algo, tiny_model))
     rollout = rollout_of(algo, [1, 8, 3, 6])
     plan = plan_of(algo, rollout, args, 0)
-    algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+    algo.rollout_logprobs(engine, engine, rollout, first_pass(plan), args, "cpu")
     assert rollout.ref_logp[0, 1:].eq(0).all() and rollout.old_logp[0, 1:].eq(0).all()  # padding in the cache
     metrics = algo.Metrics()
     update_policy(algo, engine, rollout, plan, args, metrics)
-    assert len(engine.grad_norms) == 4 and all(math.isfinite(g) and g > 0 for g in engine.grad_norms)
+    assert len(engine.grad_norms) == 2 and all(math.isfinite(g) and g > 0 for g in engine.grad_norms)
     kl_sum, _ = metrics["kl"]
     assert math.isfinite(kl_sum)
 
@@ -128,7 +141,7 @@ def test_chunked_logprobs_equal_the_unchunked_ones(algo, tiny_model, with_entrop
 
 
 @each
-def test_old_logprobs_come_from_the_first_pass_micro_batches(algo, tiny_model):
+def test_old_logprobs_come_from_the_first_pass_micro_batches(algo, tiny_model, world_of_one):
     """docs/algorithms.md (6.1): in bf16 a row's log-probs depend on the micro-batch it is padded
     with, so ℓold computed in other micro-batches than the update's first pass would make that
     pass's ratio differ from 1. Computed from the same micro-batches, it is exactly 1."""
@@ -136,14 +149,14 @@ def test_old_logprobs_come_from_the_first_pass_micro_batches(algo, tiny_model):
     args = make_args(algo, micro_batch_size=2, num_iterations=2, beta=0.0)
     rollout = rollout_of(algo, [3, 9, 5, 12, 2, 7, 4, 10])
     plan = plan_of(algo, rollout, args, 3)
-    first_pass = [ix for mini in plan[0] for ix in mini]
-    assert first_pass != [[0, 1], [2, 3], [4, 5], [6, 7]]  # shuffled
-    algo.rollout_logprobs(model, None, rollout, first_pass, args, "cpu")
+    update_batches = first_pass(plan)
+    assert update_batches != [[0, 1], [2, 3], [4, 5], [6, 7]]  # shuffled
+    algo.rollout_logprobs(model, None, rollout, update_batches, args, "cpu")
     in_order = rollout.old_logp.clone()
     algo.rollout_logprobs(model, None, rollout, [[0, 1], [2, 3], [4, 5], [6, 7]], args, "cpu")
     in_order, rollout.old_logp = rollout.old_logp, in_order
     worst_same, worst_other = 0.0, 0.0
-    for ix in first_pass:  # the first pass of the update, with gradients as in training
+    for ix in update_batches:  # the first pass of the update, with gradients as in training
         batch = rollout.micro_batch(ix, "cpu")
         logp, _ = algo.completion_logprobs(model, batch, getattr(args, "temperature", 1.0))
         m = batch["loss_mask"].bool()
@@ -412,17 +425,103 @@ def test_padded_rows_give_each_sequence_its_own_logprobs_and_gradient(algo, tiny
 
 
 @each
-def test_update_plan_cuts_each_pass_into_optimizer_steps_and_micro_batches(algo):
-    """plan[pass][optimizer step][micro-batch]: consecutive runs of the order, shuffled per pass only when the policy
-    moves within the step (μ × mini-batches > 1), every completion once per pass."""
+def test_update_plan_cuts_each_pass_into_optimizer_steps_and_micro_batches(algo, world_of_one):
+    """plan[pass] → optimizer steps (micro-batches, sequences and tokens in the loss, skipped): each optimizer step a
+    run of the pass's order, shuffled per pass only when the policy moves within the step (μ × mini-batches > 1),
+    every completion once per pass; within an optimizer step the micro-batches are cut from its rows sorted by
+    length (6.13), and the normalisers count its rows (1.4)."""
+    rollout = rollout_of(algo, [5, 1, 8, 2, 7, 3, 6, 4])  # every advantage non-zero
+    lengths = [len(c) for c in rollout.completion_ids]
     args = make_args(algo, micro_batch_size=2, num_iterations=1, num_mini_batches=1)
-    assert algo.update_plan(8, args, torch.Generator()) == [[[[0, 1], [2, 3], [4, 5], [6, 7]]]]
+    assert plan_of(algo, rollout, args, 0) == [[([[1, 3], [5, 7], [0, 6], [4, 2]], 8, 36, False)]]
     args = make_args(algo, micro_batch_size=2, num_iterations=2, num_mini_batches=2)
-    plan = algo.update_plan(8, args, torch.Generator().manual_seed(0))
-    assert [[len(mb) for mb in step] for p in plan for step in p] == [[2, 2]] * 4
+    plan = plan_of(algo, rollout, args, 0)
     for p in plan:
-        assert sorted(i for step in p for mb in step for i in mb) == list(range(8))
+        assert sorted(i for micro_batches, *_ in p for ix in micro_batches for i in ix) == list(range(8))
+        for micro_batches, num_seqs, num_tokens, skip in p:
+            rows = [lengths[i] for ix in micro_batches for i in ix]
+            assert [len(ix) for ix in micro_batches] == [2, 2] and rows == sorted(rows)
+            assert (num_seqs, num_tokens, skip) == (4, sum(rows), False)
     assert plan[0] != plan[1]  # a new order per pass
+
+
+@each
+def test_micro_batches_grouped_by_length_pad_less(algo, world_of_one):
+    """(6.13): completions of 100 to 3,584 tokens, micro-batches of 4 out of 32: cut from the rows sorted by length,
+    the micro-batches hold far fewer padded positions than cut in the sampled order."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(100, 3585, (32,), generator=g).tolist()
+    rollout = make_rollout(algo, prompt_ids=[[1] * 50] * 32, completion_ids=[[7] * L for L in lengths],
+                           advantages=torch.randn(32, generator=g), loss_mask=algo.completion_mask(lengths))
+    args = make_args(algo, micro_batch_size=4)
+
+    def padding(micro_batches):
+        return sum(len(ix) * max(lengths[i] for i in ix) - sum(lengths[i] for i in ix) for ix in micro_batches)
+
+    grouped = padding(first_pass(plan_of(algo, rollout, args, 0)))
+    in_order = padding([list(range(s, s + 4)) for s in range(0, 32, 4)])
+    assert grouped < in_order / 4, (grouped, in_order)
+
+
+OFF = dict(beta=0.0, entropy_coef=0.0, adaptive_beta=False, adaptive_epsilon=False, adaptive_clip=False)  # no KL,
+# no entropy bonus, no ε_q statistics: only a row's advantage gives it a gradient
+
+
+@each
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_rows_without_a_gradient_are_left_out_with_the_same_gradient(algo, tiny_model, world_of_one, loss_type):
+    """docs/algorithms.md (6.13): 3 groups of 4, one with signal, one whose advantages are 0, one out of the loss
+    (masked), μ 2 with ratios ≠ 1: the plan computes only the first group's rows, every optimizer step's gradient
+    equals that of computing all 12 rows (the normalisers unchanged) to 1e-6 relative, and the metrics count the
+    computed rows. With β > 0 the zero-advantage rows are computed too (their KL has a gradient)."""
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, max_completion_length=8, loss_type=loss_type, **OFF)
+    rollout = rollout_of(algo, [3, 8, 1, 6, 5, 2, 7, 4, 2, 6, 3, 5])
+    rollout.advantages[4:] = 0.0
+    rollout.loss_mask[8:] = 0.0
+    plan = plan_of(algo, rollout, args, 0)
+    lengths = [len(c) for c in rollout.completion_ids]
+    for p in plan:
+        ((micro_batches, num_seqs, num_tokens, skip),) = p
+        assert sorted(i for ix in micro_batches for i in ix) == [0, 1, 2, 3]
+        assert (num_seqs, num_tokens, skip) == (8, sum(lengths[:8]), False)  # the maths counts every row in the loss
+    every_row = [[([[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]], 8, sum(lengths[:8]), False)]] * 2
+    fillers = [[(micro_batches + [[], []], *rest) for micro_batches, *rest in p] for p in plan]  # as on a rank
+    # with fewer rows to compute than another: a filler is its shortest row (here row 2, with signal), out of the loss
+    shift = 0.3 * torch.randn(rollout.loss_mask.shape, generator=torch.Generator().manual_seed(1))  # ratios ≠ 1
+    grads, rows = [], []
+    for p in (plan, every_row, fillers):
+        engine = PlainEngine(logprob_model(algo, tiny_model))
+        algo.rollout_logprobs(engine, None, rollout, first_pass(p), args, "cpu")
+        rollout.old_logp = (rollout.old_logp + shift) * rollout.loss_mask
+        metrics = algo.Metrics()
+        update_policy(algo, engine, rollout, p, args, metrics)
+        grads.append(engine.grads)
+        rows.append(metrics["update/rows"][0])
+    assert rows == [8, 24, 12]
+    for left_out, computed, with_fillers in zip(*grads):
+        assert computed.norm() > 0 and (left_out - computed).norm() <= 1e-6 * computed.norm()
+        assert torch.equal(with_fillers, left_out)
+    args.beta = 0.04
+    assert sorted(i for ix in first_pass(plan_of(algo, rollout, args, 0)) for i in ix) == list(range(8))
+
+
+@each
+@pytest.mark.parametrize("skip", [True, False])
+def test_no_row_computed_when_none_carries_a_gradient(algo, tiny_model, world_of_one, skip):
+    """(6.9), (6.13): β 0 and every advantage 0, so no row carries a gradient. With the skip: no micro-batch and no
+    optimizer step. Without it each optimizer step is still taken, on one filler micro-batch (its row out of the loss:
+    a zero gradient), as it was taken on every row before rows without a gradient were left out."""
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, max_completion_length=8, skip_no_signal=skip, **OFF)
+    rollout = rollout_of(algo, [3, 5, 2, 4])
+    rollout.advantages = torch.zeros(4)
+    plan = plan_of(algo, rollout, args, 0)
+    assert first_pass(plan) == ([] if skip else [[]])
+    engine = PlainEngine(logprob_model(algo, tiny_model))
+    metrics = algo.Metrics()
+    update_policy(algo, engine, rollout, plan, args, metrics)
+    assert metrics["update/skipped_steps"] == (2 if skip else 0, 1.0)
+    assert engine.grad_norms == ([] if skip else [0.0, 0.0])
+    assert metrics.get("update/rows", (0.0, 1.0))[0] == (0 if skip else 2)
 
 
 @each
@@ -439,18 +538,18 @@ def test_no_optimizer_step_without_signal(algo, tiny_model, world_of_one, skip):
         rollout = rollout_of(algo, [3, 5, 2, 4])
         rollout.advantages = advantages
         plan = plan_of(algo, rollout, args, 0)  # 2 optimizer steps of 2 micro-batches
-        algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        algo.rollout_logprobs(engine, engine, rollout, first_pass(plan), args, "cpu")
         metrics = algo.Metrics()
         update_policy(algo, engine, rollout, plan, args, metrics)
         skipped = 2 if skip and not signal else 0
         assert metrics["update/skipped_steps"] == (skipped, 1.0)
-        assert len(engine.grad_norms) == 2 * (2 - skipped)
+        assert len(engine.grad_norms) == 2 - skipped
         if not signal and not skip and algo.__name__ in ("agpo_adaptive", "a_grpo"):
             assert min(engine.grad_norms) > 0
     rollout.loss_mask = torch.zeros_like(rollout.loss_mask)  # no token in the loss: no step, with or without the flag
     metrics = algo.Metrics()
-    update_policy(algo, engine, rollout, plan, args, metrics)
-    assert metrics["update/skipped_steps"] == (2, 1.0) and len(engine.grad_norms) == 4
+    update_policy(algo, engine, rollout, plan_of(algo, rollout, args, 0), args, metrics)
+    assert metrics["update/skipped_steps"] == (2, 1.0) and len(engine.grad_norms) == 2
 
 
 @each
@@ -475,10 +574,10 @@ def test_a_step_with_a_signal_is_the_same_with_or_without_the_skip(algo, tiny_mo
         engine = PlainEngine(logprob_model(algo, tiny_model))
         rollout = rollout_of(algo, [3, 5, 2, 4])
         plan = plan_of(algo, rollout, args, 0)
-        algo.rollout_logprobs(engine, engine, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        algo.rollout_logprobs(engine, engine, rollout, first_pass(plan), args, "cpu")
         update_policy(algo, engine, rollout, plan, args, algo.Metrics())
         norms.append(engine.grad_norms)
-    assert len(norms[0]) == 4 and norms[0] == norms[1]
+    assert len(norms[0]) == 2 and norms[0] == norms[1]
 
 
 class RecordingEngine:
@@ -586,7 +685,7 @@ def test_tis_cap_scales_each_tokens_loss_by_its_weight(algo, tiny_model, world_o
         engine = PlainEngine(logprob_model(algo, tiny_model))  # its step leaves the weights as they are
         rollout = rollout_of(algo, [3, 5, 2, 4])
         plan = plan_of(algo, rollout, args, 0)
-        algo.rollout_logprobs(engine, None, rollout, [ix for mini in plan[0] for ix in mini], args, "cpu")
+        algo.rollout_logprobs(engine, None, rollout, first_pass(plan), args, "cpu")
         rollout.sampler_logp = (rollout.old_logp - shift) * rollout.loss_mask
         metrics = algo.Metrics()
         update_policy(algo, engine, rollout, plan, args, metrics)
@@ -594,7 +693,7 @@ def test_tis_cap_scales_each_tokens_loss_by_its_weight(algo, tiny_model, world_o
         if shift:
             assert metrics["mismatch/abs_diff_mean"][0] / metrics["mismatch/abs_diff_mean"][1] == pytest.approx(shift)
     (norms, loss), (norms2, loss2), (norms15, loss15), (norms1, loss1) = runs.values()
-    assert len(norms) == 4 and norms.min() > 0
+    assert len(norms) == 2 and norms.min() > 0
     assert torch.allclose(norms2, 2 * norms, rtol=1e-5) and loss2 == pytest.approx(2 * loss, rel=1e-5)
     assert torch.allclose(norms15, 1.5 * norms, rtol=1e-5) and loss15 == pytest.approx(1.5 * loss, rel=1e-5)
     assert torch.equal(norms1, norms) and loss1 == loss
