@@ -495,8 +495,8 @@ def update_plan(rollout: Rollout, args: Args, shuffle_generator: torch.Generator
     plan = []
     for r, (num_seqs, num_tokens, num_signal), width in zip(rows, totals.tolist(), widths.tolist()):
         skip = num_tokens == 0 or (num_signal == 0 and args.skip_no_signal)  # (6.9)
-        micro_batches = [] if skip else [r[k * micro : (k + 1) * micro] for k in range(max(width, 1))]
-        plan.append((micro_batches, int(num_seqs), int(num_tokens), skip))
+        micro_batches = [r[k * micro : (k + 1) * micro] for k in range(width if skip else max(width, 1))]
+        plan.append(([] if skip and args.num_iterations == 1 else micro_batches, int(num_seqs), int(num_tokens), skip))
     return [plan[s : s + args.num_mini_batches] for s in range(0, len(plan), args.num_mini_batches)]
 
 

@@ -506,6 +506,22 @@ def test_rows_without_a_gradient_are_left_out_with_the_same_gradient(algo, tiny_
 
 
 @each
+def test_every_row_a_taken_step_computes_has_its_old_and_reference_logprobs(algo, tiny_model, world_of_one):
+    """(6.1), (6.13): β > 0, μ 2, 2 mini-batches, 6 of 8 advantages 0. A shuffle whose first pass has an optimizer
+    step without signal (skipped) and whose second pass has none: that step's rows come back in the second pass, so
+    the ℓold/ℓref pass, over the first pass's micro-batches, must compute them although the first pass skips them."""
+    args = make_args(algo, micro_batch_size=2, num_iterations=2, num_mini_batches=2, beta=0.04, max_completion_length=8)
+    rollout = rollout_of(algo, [3, 5, 2, 4, 6, 1, 7, 3])
+    rollout.advantages = torch.tensor([0.0] * 6 + [0.7, -0.7])
+    plans = (plan_of(algo, rollout, args, seed) for seed in range(100))
+    plan = next(p for p in plans if any(skip for *_, skip in p[0]) and not any(skip for *_, skip in p[1]))
+    engine = PlainEngine(logprob_model(algo, tiny_model))
+    algo.rollout_logprobs(engine, engine, rollout, first_pass(plan), args, "cpu")
+    for i, completion in enumerate(rollout.completion_ids):  # every row is in a taken step of the second pass
+        assert rollout.old_logp[i, : len(completion)].ne(0).all() and rollout.ref_logp[i, : len(completion)].ne(0).all()
+
+
+@each
 @pytest.mark.parametrize("skip", [True, False])
 def test_no_row_computed_when_none_carries_a_gradient(algo, tiny_model, world_of_one, skip):
     """(6.9), (6.13): β 0 and every advantage 0, so no row carries a gradient. With the skip: no micro-batch and no
