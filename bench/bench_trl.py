@@ -1,6 +1,7 @@
 """Benchmark TRL's GRPOTrainer on the config bench/bench_speed.py gives grpo.py, for a side-by-side step time.
 
-One process, fp32 on CPU, colocated vLLM (vLLM's CPU build), SmolLM2-135M-Instruct on GSM8K:
+One process, fp32 on CPU, colocated vLLM (vLLM's CPU build), SmolLM2-135M-Instruct on a jsonl of questions and
+`#### gold` answers scored by their last number (data/gsm8k_sample.jsonl, or data/additions.jsonl):
 4 prompts × G = 8 = 32 completions per optimizer step (one micro-batch of 32, no accumulation),
 ≤ 64 completion tokens, β = 0, loss "dapo", μ = 1, temperature 1, constant lr 1e-6.
 TRL lives in a venv of its own so that it cannot change the stack grpo.py runs on:
@@ -12,8 +13,9 @@ TRL lives in a venv of its own so that it cannot change the stack grpo.py runs o
 bench/bench_speed.py --trl-python ../trl_venv/bin/python runs it after grpo.py, in the same environment.
 
 It writes OUT.json and OUT.md: per step the wall time of the whole optimizer step and of its parts
-(weight sync, vLLM generation, the rest of the rollout, the update), the mean reward and completion
-length TRL logged, and the medians over steps 2..N (step 1 is warm-up: first vLLM graphs, allocator).
+(weight sync, vLLM generation, the rest of the rollout, the update), the rows, real tokens and positions its update
+computes, the mean reward and completion length TRL logged, and the medians over steps 2..N (step 1 is warm-up: first
+vLLM graphs, allocator).
 Run it on a quiet machine, with grpo.py on the same machine and the same number of threads.
 
 The settings that are not flags here (learning rate, temperature, seed, β, loss type, ...) are read from grpo.py:
@@ -50,10 +52,12 @@ sys.path.insert(0, ROOT)  # grpo.py, whose settings this run takes
 NOT_MATCHED = [
     "no DeepSpeed: TRL runs plain PyTorch AdamW in one process; grpo.py wraps the policy in ZeRO-3 "
     "(gather/partition hooks around every forward and backward, even on one rank)",
-    "TRL's loss forward also computes the per-token entropy (for its `entropy` metric) and pads the batch; "
-    "grpo.py's is padding-free and computes log-probs only",
+    "TRL's loss forward also computes the per-token entropy (for its `entropy` metric); grpo.py computes it in the "
+    "first pass only",
+    "TRL computes every completion in one padded micro-batch; grpo.py leaves out those that carry no gradient "
+    "(zero advantage at β = 0) and cuts the rest into micro-batches by length (docs/algorithms.md (6.13))",
     "TRL asks vLLM for 32 requests with n=1 and logprobs=0 (the 8 copies of a prompt share its prefix "
-    "through the prefix cache); grpo.py sends 4 requests with n=8 and no logprobs",
+    "through the prefix cache); grpo.py sends 4 requests with n=8 and logprobs=0",
     "TRL leaves vLLM's chunked prefill on (max_num_batched_tokens=4096); grpo.py turns it off on CPU",
     "TRL's weight sync is patched here (see patch_trl_weight_sync); it then does what grpo.py does, in one "
     "`reload_weights` call instead of grpo.py's buckets (one bucket at this model size)",
@@ -203,6 +207,7 @@ class PhaseClock:
 
     def __init__(self):
         self.seconds = defaultdict(float)
+        self.counts = defaultdict(int)  # what the step's update computes (count_update_inputs)
 
     def wrap(self, cls, method: str, phase: str) -> None:
         inner = getattr(cls, method)
@@ -219,6 +224,22 @@ class PhaseClock:
         setattr(cls, method, timed)
 
 
+def count_update_inputs(trainer_class, clock: PhaseClock) -> None:
+    """Rows, real tokens and positions of the batch each step's loss forward and backward compute: the padded prompts
+    and completions `_generate_and_score_completions` returns (TRL's loss concatenates them), in clock.counts."""
+    inner = trainer_class._generate_and_score_completions
+
+    @functools.wraps(inner)
+    def counted(self, *a, **kw):
+        out = inner(self, *a, **kw)
+        clock.counts["rows"] += out["completion_ids"].shape[0]
+        clock.counts["real_tokens"] += int(out["prompt_mask"].sum() + out["completion_mask"].sum())
+        clock.counts["positions"] += out["prompt_ids"].numel() + out["completion_ids"].numel()
+        return out
+
+    trainer_class._generate_and_score_completions = counted
+
+
 def make_step_callback(clock: PhaseClock, records: list):
     """A TrainerCallback: wall time of each optimizer step (on_step_begin → on_step_end, which brackets the
     rollout, forward/backward and optimizer step but not logging), its phases, and what TRL logged for it."""
@@ -227,6 +248,7 @@ def make_step_callback(clock: PhaseClock, records: list):
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             clock.seconds.clear()
+            clock.counts.clear()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -243,6 +265,7 @@ def make_step_callback(clock: PhaseClock, records: list):
                 "rollout_other_s": rollout - sync - gen,
                 # loss forward + backward + clip + optimizer step + scheduler
                 "update_s": step_s - rollout,
+                **clock.counts,  # rows, real_tokens, positions
             })
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -317,6 +340,7 @@ def run(args: BenchArgs, g: dict) -> list:
     clock.wrap(VLLMGeneration, "sync_weights", "weight_sync")
     clock.wrap(VLLMGeneration, "generate", "generate")
     clock.wrap(GRPOTrainer, "_generate_and_score_completions", "rollout")
+    count_update_inputs(GRPOTrainer, clock)
     records = []
     output_dir = tempfile.mkdtemp(prefix="bench_trl_")
     try:
@@ -349,7 +373,8 @@ def median(records: list, key: str) -> float | None:
 
 
 def summarize(args: BenchArgs, g: dict, records: list) -> dict:
-    keys = ["step_s", "weight_sync_s", "generate_s", "rollout_other_s", "update_s", "completion_mean_length"]
+    keys = ["step_s", "weight_sync_s", "generate_s", "rollout_other_s", "update_s", "completion_mean_length", "rows",
+            "real_tokens", "positions"]
     return {
         "script": "TRL GRPOTrainer",
         "settings": {**asdict(args), **g, "completions_per_step": args.prompts_per_step * args.num_generations,

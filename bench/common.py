@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K_SAMPLE = os.path.join(ROOT, "data", "gsm8k_sample.jsonl")  # 256 GSM8K train rows, in the repository
+ADDITIONS = os.path.join(ROOT, "data", "additions.jsonl")  # 210 single-digit additions, in the repository
 SCRIPTS = ["grpo.py", "agpo_mask_clip.py", "agpo_adaptive.py", "a_grpo.py"]  # every algorithm script
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 # the objective of the CPU speed comparison, where it differs from grpo.py's defaults: bench_speed.py runs grpo.py
