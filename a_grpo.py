@@ -535,7 +535,7 @@ def update_plan(rollout: Rollout, args: Args, shuffle_generator: torch.Generator
     mini, shuffle = n // args.num_mini_batches, args.num_iterations * args.num_mini_batches > 1
     in_loss = rollout.loss_mask.any(1)  # [n]
     signal = in_loss & (rollout.advantages.abs() > 1e-6)  # [n]; (6.9): 1e-6 is float noise
-    computed = in_loss if args.beta > 0 or args.entropy_coef > 0 else signal  # [n]; (6.13): KL, entropy bonus
+    computed = (in_loss if args.beta > 0 or args.entropy_coef > 0 else signal).tolist()  # [n]; (6.13): KL, entropy
     orders = [torch.randperm(n, generator=shuffle_generator).tolist() if shuffle else list(range(n))
               for _ in range(args.num_iterations)]  # a pass's order
     steps = [order[s : s + mini] for order in orders for s in range(0, n, mini)]  # each optimizer step's rows

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import tyro
-from common import ADDITIONS, GSM8K_SAMPLE, ROOT, SPEED_CONFIG, flags, preload_env, read_metrics, run_dir_of, run_logged
+from common import (ADDITIONS, GSM8K_SAMPLE, ROOT, SPEED_CONFIG, flags, fmt, preload_env, read_metrics, run_dir_of,
+                    run_logged)
 
 TASKS = {  # data set, grpo.py's reward, and whether a step without signal is skipped
     "additions": (ADDITIONS, "correctness_last_number", True),
@@ -152,10 +153,6 @@ def run_trl(args: Args) -> dict:
             "reward_per_step": trl["rewards"][1:]}
 
 
-def fmt(x, digits: int = 1) -> str:
-    return "–" if x is None else f"{x:,.{digits}f}"
-
-
 def main() -> None:
     args = tyro.cli(Args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -181,7 +178,7 @@ def main() -> None:
     for name, r in result["runs"].items():
         reward = statistics.mean(x for x in r["reward_per_step"] if x is not None)  # the fraction right
         lines.append(f"| {name} | {r['time/step']:.1f} | {r['time/generate']:.1f} | {r['time/update']:.1f} | "
-                     f"{fmt(r['rows'])} | {fmt(r['real_tokens'], 0)} | {fmt(r['padded_positions'], 0)} | "
+                     f"{fmt(r['rows'], 1)} | {fmt(r['real_tokens'], 0)} | {fmt(r['padded_positions'], 0)} | "
                      f"{fmt(r['update_s_per_1k_real_tokens'], 2)} | {r.get('skipped_steps', '–')} | "
                      f"{fmt(reward, 3)} |")
     if result["plain"]:

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import tyro
-from common import ROOT, SPEED_CONFIG, RunShape
+from common import ROOT, SPEED_CONFIG, RunShape, fmt
 
 sys.path.insert(0, ROOT)  # grpo.py, whose settings this run takes
 
@@ -393,10 +393,6 @@ def summarize(args: BenchArgs, g: dict, records: list) -> dict:
                     "llm.collective_rpc('reload_weights') + repack of the tied lm_head",
                     "trl.generation.vllm_generation.LLM → LLM(..., dtype='float32') (TRL passes no dtype)"],
     }
-
-
-def fmt(x, digits=2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def markdown(result: dict) -> str:

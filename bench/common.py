@@ -86,6 +86,11 @@ def run_logged(cmd: list, log: str, what: str = "", **kwargs) -> float:
     return time.perf_counter() - t
 
 
+def fmt(x, digits: int = 2) -> str:
+    """A table cell: x with `digits` decimals and thousands commas, or "–" for None."""
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
 def run_dir_of(out: str) -> str:
     """The one run directory a training script wrote under its --output-dir `out`."""
     return os.path.join(out, next(d for d in sorted(os.listdir(out)) if os.path.isdir(os.path.join(out, d))))

@@ -67,7 +67,7 @@ class Args:
 
 class PlainEngine:
     """What update_policy asks of a DeepSpeed engine: forward, backward, and an optimizer step at the end of each
-    optimizer step's micro-batches (the accumulation boundary update_policy sets), with the gradient norm of the last."""
+    optimizer step's micro-batches (the accumulation boundary update_policy sets), with the last one's gradient norm."""
 
     def __init__(self, model, optimizer):
         self.module, self.optimizer, self.boundary, self.norm = model, optimizer, True, None

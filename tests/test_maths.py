@@ -119,7 +119,7 @@ def test_lr_schedules():
     lin = functools.partial(grpo.lr_multiplier, "linear", 2, 12, grpo.MIN_LR_RATIO)
     assert lin(2) == pytest.approx(1.0) and lin(7) == pytest.approx(0.5) and lin(12) == pytest.approx(0.0, abs=1e-12)
     assert lin(20) == pytest.approx(0.0, abs=1e-12)  # past the end it stays at 0
-    floor = functools.partial(grpo.lr_multiplier, "cosine", 0, 10, 0.1)  # the floor the function takes, when it is not 0
+    floor = functools.partial(grpo.lr_multiplier, "cosine", 0, 10, 0.1)  # the floor it takes when it is not 0
     assert floor(10) == pytest.approx(0.1) and floor(5) == pytest.approx(0.55)
 
 
