@@ -15,6 +15,7 @@ held-out accuracy and tokens in a table, training curves in figures.
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,11 +36,11 @@ class Args:
     """local directory of the model (e.g. the output of tools/prepare_smollm2.sh)"""
     out: str = "bench/results/compare"
     """results: OUT.md, OUT.json, OUT/ (data, runs, evaluation, figures)"""
-    scripts: list[str] = field(default_factory=lambda: [s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, s))])
-    """the algorithm scripts to compare"""
-    seeds: list[int] = field(default_factory=lambda: [1, 2])
-    """one training run per script and seed"""
-    max_generated_tokens: int = 16000
+    arms: list[str] = field(default_factory=lambda: [*SCRIPTS, "grpo.py --no-skip-no-signal"])
+    """what to compare: a script, or a script and its flags in one string"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """one training run per arm and seed"""
+    max_generated_tokens: int = 32000
     """the budget of every run: training stops once this many tokens have been generated"""
     prompts_per_step: int = 4
     """prompts per step (every script)"""
@@ -60,7 +61,7 @@ class Args:
     held_out_pairs: int = 30
     """operand pairs (of 100) kept out of training"""
     reuse: bool = False
-    """keep runs and evaluations already complete in OUT/ (resume an interrupted comparison)"""
+    """keep the runs and evaluations already in OUT/per_run/ (resume an interrupted comparison)"""
 
 
 def write_task(data_dir: str, held_out_pairs: int) -> tuple[str, str]:
@@ -84,57 +85,75 @@ def run(cmd: list, log: str) -> float:
     return run_logged(cmd, log, cwd=ROOT)
 
 
-def train(args: Args, script: str, seed: int, train_path: str, runs_dir: str) -> dict:
-    out = os.path.join(runs_dir, f"{script[:-3]}_seed{seed}")
-    done = os.path.join(out, "done.json")
-    if args.reuse and os.path.isfile(done):
-        with open(done) as f:
-            return json.load(f)
+def name_of(arm: str) -> str:
+    """A run's directory name: "grpo.py --no-skip-no-signal" gives "grpo_no-skip-no-signal"."""
+    script, *extra = arm.split()
+    return "_".join([script.removesuffix(".py"), *(f.lstrip("-") for f in extra)])
+
+
+def train(args: Args, arm: str, seed: int, train_path: str, work: str) -> dict:
+    """Train one arm with one seed; its metrics.jsonl and run.json are kept in OUT/per_run/NAME_seedS/."""
+    name = f"{name_of(arm)}_seed{seed}"
+    out, kept = os.path.join(work, "runs", name), os.path.join(work, "per_run", name)
+    script, *extra = arm.split()
     cmd = script_command(script, args.model, train_path, out, seed=seed, reward_funcs=args.reward,
                          learning_rate=args.learning_rate, lr_schedule="constant", warmup_ratio=0,
                          prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
                          micro_batch_size=args.micro_batch_size, max_completion_length=args.max_completion_length,
                          max_prompt_length=128, total_steps=1000, max_generated_tokens=args.max_generated_tokens,
-                         save_steps=0)
+                         save_steps=0) + extra
+    shutil.rmtree(out, ignore_errors=True)
     seconds = run(cmd, os.path.join(out, "train.log"))
     run_dir = run_dir_of(out)
     metrics = read_metrics(run_dir)
-    checkpoint = os.path.join(run_dir, f"checkpoint-{metrics[-1]['step']}")
-    result = {"script": script, "seed": seed, "run_dir": run_dir, "checkpoint": checkpoint, "seconds": seconds,
-              "steps": metrics[-1]["step"], "tokens": metrics[-1]["tokens/generated_total"],
-              "train_reward_first": metrics[0]["reward"], "train_reward_last": metrics[-1]["reward"]}
-    with open(done, "w") as f:
+    os.makedirs(kept, exist_ok=True)
+    shutil.copy(os.path.join(run_dir, "metrics.jsonl"), kept)
+    result = {"arm": arm, "seed": seed, "seconds": seconds, "steps": metrics[-1]["step"],
+              "tokens": metrics[-1]["tokens/generated_total"],
+              "checkpoint": os.path.join(run_dir, f"checkpoint-{metrics[-1]['step']}")}
+    return result
+
+
+def evaluate(args: Args, model: str, name: str, test_path: str, work: str) -> dict:
+    """eval.py on the held-out split; its results are kept in OUT/per_run/NAME/eval.json."""
+    out, kept = os.path.join(work, "eval", name), os.path.join(work, "per_run", name, "eval.json")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model, "--datasets", test_path,
+           "--n", str(args.eval_n), "--temperature", str(args.eval_temperature),
+           "--max-tokens", str(args.max_completion_length), "--last-number-fallback", "--output-dir", out]
+    os.makedirs(out, exist_ok=True)
+    run(cmd, os.path.join(out, "eval.log"))
+    with open(os.path.join(out, "results.json")) as f:
+        result = next(iter(json.load(f)["results"].values()))["test.jsonl"]
+    os.makedirs(os.path.dirname(kept), exist_ok=True)
+    with open(kept, "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
-def evaluate(args: Args, model: str, name: str, test_path: str, eval_dir: str) -> dict:
-    out = os.path.join(eval_dir, name)
-    results = os.path.join(out, "results.json")
-    if not (args.reuse and os.path.isfile(results)):
-        cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model, "--datasets", test_path,
-               "--n", str(args.eval_n), "--temperature", str(args.eval_temperature),
-               "--max-tokens", str(args.max_completion_length), "--last-number-fallback", "--output-dir", out]
-        os.makedirs(out, exist_ok=True)
-        run(cmd, os.path.join(out, "eval.log"))
-    with open(results) as f:
-        return next(iter(json.load(f)["results"].values()))["test.jsonl"]
+def kept(work: str, name: str, file: str):
+    """A file of OUT/per_run/NAME/ (a finished run or evaluation), or None."""
+    path = os.path.join(work, "per_run", name, file)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
-def train_accuracy(run_dir: str, reward: str) -> tuple:
+def train_accuracy(work: str, name: str, reward: str) -> tuple:
     """The reward function's own mean (the fraction correct) at the first step and over the last three: comparable
-    across scripts, where `reward` is not (AGPO maps correctness to ±1 and adds a length bonus)."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    across arms, where `reward` is not (AGPO maps correctness to ±1 and adds a length bonus)."""
+    with open(os.path.join(work, "per_run", name, "metrics.jsonl")) as f:
         values = [json.loads(line)[f"rewards/{reward}/mean"] for line in f]
     return values[0], statistics.mean(values[-3:])
 
 
-def spread(values: list) -> str:
-    """mean ± half the range over seeds, in %, or the one value."""
-    values = [100 * v for v in values]
+def spread(values: list, scale: float = 100, digits: int = 1) -> str:
+    """mean ± sample standard deviation over seeds, then the per-seed values, scaled (% by default)."""
+    values = [scale * v for v in values]
+    each = " / ".join(f"{v:.{digits}f}" for v in values)
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}"
+        return each
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({each})"
 
 
 def main() -> None:
@@ -142,17 +161,22 @@ def main() -> None:
     t0 = time.perf_counter()
     work = args.out
     train_path, test_path = write_task(os.path.join(work, "data"), args.held_out_pairs)
-    eval_dir, runs_dir = os.path.join(work, "eval"), os.path.join(work, "runs")
     n, k = args.eval_n, args.eval_n
-    base = evaluate(args, args.model, "base", test_path, eval_dir)
-    rows, trained = {}, []
+    base = kept(work, "base", "eval.json") if args.reuse else None
+    base = base or evaluate(args, args.model, "base", test_path, work)
+    rows = {}
     for seed in args.seeds:
-        for script in args.scripts:
-            print(f"training {script} seed {seed}", flush=True)
-            r = train(args, script, seed, train_path, runs_dir)
-            r["eval"] = evaluate(args, r["checkpoint"], f"{script[:-3]}_seed{seed}", test_path, eval_dir)
-            rows.setdefault(script, []).append(r)
-            trained.append(r)
+        for arm in args.arms:
+            name = f"{name_of(arm)}_seed{seed}"
+            r = kept(work, name, "run.json") if args.reuse else None
+            if r is None:
+                print(f"training {arm} seed {seed}", flush=True)
+                r = train(args, arm, seed, train_path, work)
+                r["eval"] = evaluate(args, r.pop("checkpoint"), name, test_path, work)
+                shutil.rmtree(os.path.join(work, "runs", name))  # checkpoints: the kept files are in per_run/
+                with open(os.path.join(work, "per_run", name, "run.json"), "w") as f:
+                    json.dump(r, f, indent=2)
+            rows.setdefault(arm, []).append({**r, "name": name})
     wall = time.perf_counter() - t0
     protocol = (f"SmolLM2-135M-Instruct; single-digit addition, {100 - args.held_out_pairs} operand pairs × "
                 f"{len(PHRASINGS)} phrasings for training, {args.held_out_pairs} held-out pairs × {len(PHRASINGS)} "
@@ -160,31 +184,34 @@ def main() -> None:
                 f"{args.num_generations} per step, ≤ {args.max_completion_length} tokens, lr {args.learning_rate} "
                 f"constant, budget {args.max_generated_tokens} generated tokens per run (probes and refills count); "
                 f"seeds {args.seeds}; evaluation: n {n}, temperature {args.eval_temperature}, last-number answer")
-    when = "runs and evaluations reused from an earlier invocation" if args.reuse else f"wall time {wall / 60:.0f} min"
-    lines = [f"Protocol: {protocol}. {when}.", "",
-             f"| model | seeds | steps | avg@{n} (%) | pass@{k} (%) | tokens / completion | "
-             "train accuracy (%), step 1 → last 3 | train min / run |", "|---|---|---|---|---|---|---|---|",
-             f"| base model | - | - | {100 * base[f'avg@{n}']:.1f} | {100 * base[f'pass@{k}']:.1f} | "
-             f"{base['tokens_mean']:.0f} | - | - |"]
-    for script, rs in rows.items():
-        steps = "/".join(str(r["steps"]) for r in rs)
-        tokens = statistics.mean(r["eval"]["tokens_mean"] for r in rs)
-        first, last = zip(*(train_accuracy(r["run_dir"], args.reward) for r in rs))
-        reward = f"{100 * statistics.mean(first):.0f} → {100 * statistics.mean(last):.0f}"
-        lines.append(f"| {script} | {len(rs)} | {steps} | {spread([r['eval'][f'avg@{n}'] for r in rs])} | "
-                     f"{spread([r['eval'][f'pass@{k}'] for r in rs])} | {tokens:.0f} | {reward} | "
-                     f"{statistics.mean(r['seconds'] for r in rs) / 60:.1f} |")
+    when = "runs and evaluations reused from earlier invocations" if args.reuse else f"wall time {wall / 60:.0f} min"
+    lines = [f"Protocol: {protocol}. {when}. Cells: mean ± sample standard deviation over seeds (per-seed values).",
+             "", f"| arm | avg@{n} (%) | pass@{k} (%) | maj@{n} (%) | tokens / completion | steps | train min / run "
+             "| train accuracy (%), step 1 → last 3 |", "|---|---|---|---|---|---|---|---|",
+             f"| base model | {100 * base[f'avg@{n}']:.1f} | {100 * base[f'pass@{k}']:.1f} | "
+             f"{100 * base[f'maj@{n}']:.1f} | {base['tokens_mean']:.0f} | - | - | - |"]
+    for arm, rs in rows.items():
+        first, last = zip(*(train_accuracy(work, r["name"], args.reward) for r in rs))
+        lines.append(f"| {arm} | " + " | ".join([
+            *(spread([r["eval"][key] for r in rs]) for key in (f"avg@{n}", f"pass@{k}", f"maj@{n}")),
+            spread([r["eval"]["tokens_mean"] for r in rs], scale=1, digits=0),
+            spread([r["steps"] for r in rs], scale=1, digits=0),
+            spread([r["seconds"] / 60 for r in rs], scale=1),
+            f"{100 * statistics.mean(first):.0f} → {100 * statistics.mean(last):.0f}"]) + " |")
     table = "\n".join(lines)
     print(table)
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     with open(args.out + ".json", "w") as f:
-        json.dump({"settings": asdict(args), "protocol": protocol, "wall_seconds": wall, "base": base,
-                   "runs": trained}, f, indent=2)
-    subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), *[r["run_dir"] for r in trained],
-                    "--labels", *[f"{r['script'][:-3]} s{r['seed']}" for r in trained],
-                    "--out", os.path.join(work, "figures"), "--title", "equal generated-token budget",
-                    "--metrics", f"rewards/{args.reward}/mean", *DEFAULT_METRICS], check=True)
+        json.dump({"settings": asdict(args), "protocol": protocol, "base": base, "runs": rows}, f, indent=2)
+    for seed in args.seeds:  # one figure per seed: every arm's curves against steps and generated tokens
+        runs = [(arm, r) for arm, rs in rows.items() for r in rs if r["seed"] == seed]
+        subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"),
+                        *[os.path.join(work, "per_run", r["name"]) for _, r in runs],
+                        "--labels", *[name_of(arm) for arm, _ in runs],
+                        "--out", os.path.join(work, "figures", f"seed{seed}"),
+                        "--title", f"equal generated-token budget, seed {seed}",
+                        "--metrics", f"rewards/{args.reward}/mean", *DEFAULT_METRICS], check=True)
 
 
 if __name__ == "__main__":
