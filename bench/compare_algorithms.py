@@ -62,6 +62,8 @@ class Args:
     """operand pairs (of 100) kept out of training"""
     reuse: bool = False
     """keep the runs and evaluations already in OUT/per_run/ (resume an interrupted comparison)"""
+    report_only: bool = False
+    """train and evaluate nothing: the table and figures of the runs already in OUT/per_run/ (a comparison in parts)"""
 
 
 def write_task(data_dir: str, held_out_pairs: int) -> tuple[str, str]:
@@ -162,13 +164,16 @@ def main() -> None:
     work = args.out
     train_path, test_path = write_task(os.path.join(work, "data"), args.held_out_pairs)
     n, k = args.eval_n, args.eval_n
-    base = kept(work, "base", "eval.json") if args.reuse else None
+    reuse = args.reuse or args.report_only
+    base = kept(work, "base", "eval.json") if reuse else None
     base = base or evaluate(args, args.model, "base", test_path, work)
     rows = {}
     for seed in args.seeds:
         for arm in args.arms:
             name = f"{name_of(arm)}_seed{seed}"
-            r = kept(work, name, "run.json") if args.reuse else None
+            r = kept(work, name, "run.json") if reuse else None
+            if r is None and args.report_only:
+                continue
             if r is None:
                 print(f"training {arm} seed {seed}", flush=True)
                 r = train(args, arm, seed, train_path, work)
@@ -184,15 +189,15 @@ def main() -> None:
                 f"{args.num_generations} per step, ≤ {args.max_completion_length} tokens, lr {args.learning_rate} "
                 f"constant, budget {args.max_generated_tokens} generated tokens per run (probes and refills count); "
                 f"seeds {args.seeds}; evaluation: n {n}, temperature {args.eval_temperature}, last-number answer")
-    when = "runs and evaluations reused from earlier invocations" if args.reuse else f"wall time {wall / 60:.0f} min"
+    when = "runs and evaluations reused from earlier invocations" if reuse else f"wall time {wall / 60:.0f} min"
     lines = [f"Protocol: {protocol}. {when}. Cells: mean ± sample standard deviation over seeds (per-seed values).",
-             "", f"| arm | avg@{n} (%) | pass@{k} (%) | maj@{n} (%) | tokens / completion | steps | train min / run "
-             "| train accuracy (%), step 1 → last 3 |", "|---|---|---|---|---|---|---|---|",
-             f"| base model | {100 * base[f'avg@{n}']:.1f} | {100 * base[f'pass@{k}']:.1f} | "
+             "", f"| arm | seeds | avg@{n} (%) | pass@{k} (%) | maj@{n} (%) | tokens / completion | steps | "
+             "train min / run | train accuracy (%), step 1 → last 3 |", "|---|---|---|---|---|---|---|---|---|",
+             f"| base model | - | {100 * base[f'avg@{n}']:.1f} | {100 * base[f'pass@{k}']:.1f} | "
              f"{100 * base[f'maj@{n}']:.1f} | {base['tokens_mean']:.0f} | - | - | - |"]
     for arm, rs in rows.items():
         first, last = zip(*(train_accuracy(work, r["name"], args.reward) for r in rs))
-        lines.append(f"| {arm} | " + " | ".join([
+        lines.append(f"| {arm} | {' '.join(str(r['seed']) for r in rs)} | " + " | ".join([
             *(spread([r["eval"][key] for r in rs]) for key in (f"avg@{n}", f"pass@{k}", f"maj@{n}")),
             spread([r["eval"]["tokens_mean"] for r in rs], scale=1, digits=0),
             spread([r["steps"] for r in rs], scale=1, digits=0),
@@ -206,6 +211,8 @@ def main() -> None:
         json.dump({"settings": asdict(args), "protocol": protocol, "base": base, "runs": rows}, f, indent=2)
     for seed in args.seeds:  # one figure per seed: every arm's curves against steps and generated tokens
         runs = [(arm, r) for arm, rs in rows.items() for r in rs if r["seed"] == seed]
+        if not runs:
+            continue
         subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"),
                         *[os.path.join(work, "per_run", r["name"]) for _, r in runs],
                         "--labels", *[name_of(arm) for arm, _ in runs],

@@ -1,9 +1,12 @@
-"""The comparison's task: the held-out split is never trained on, and the table's spread is what it says."""
+"""The comparison's task: the held-out split is never trained on, and the table's spread is what it says, an arm
+names its run."""
 
 import json
 import os
 import re
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
@@ -34,9 +37,16 @@ def test_held_out_pairs_never_in_training(tmp_path):
         operand_pairs(str(tmp_path / "again" / "test.jsonl"))[1] == test_pairs
 
 
-def test_spread_is_mean_and_half_range_in_percent():
+def test_spread_is_mean_and_sample_sd_then_each_seed():
     assert compare_algorithms.spread([0.5]) == "50.0"
-    assert compare_algorithms.spread([0.8, 0.9]) == "85.0 ± 5.0"
+    assert compare_algorithms.spread([0.8, 0.9, 1.0]) == "90.0 ± 10.0 (80.0 / 90.0 / 100.0)"
+    assert compare_algorithms.spread([10, 14], scale=1, digits=0) == "12 ± 3 (10 / 14)"
+
+
+def test_an_arm_is_a_script_and_its_flags():
+    assert compare_algorithms.name_of("agpo_adaptive.py") == "agpo_adaptive"
+    assert compare_algorithms.name_of("grpo.py --no-skip-no-signal") == "grpo_no-skip-no-signal"
+    assert compare_algorithms.Args(model="m").arms[-1] == "grpo.py --no-skip-no-signal"
 
 
 def test_gpu_weight_change_counts_the_tensors_that_moved(tmp_path):
@@ -92,3 +102,30 @@ def test_update_profile_variants_take_the_same_step(tiny_model, tmp_path):
     assert result["zero3_ckpt"]["profile_total_ms"]["cpu"] > 0
     report = open(out + ".md").read()
     assert all(f"| {v} |" in report for v in variants) and "## zero3_ckpt: cpu time" in report
+
+
+def test_report_only_tables_the_kept_runs_and_trains_nothing(tmp_path, monkeypatch):
+    """A comparison in parts: --report-only reads OUT/per_run/ and never trains or evaluates."""
+    work = tmp_path / "cmp"
+
+    def keep(name, file, value):
+        os.makedirs(work / "per_run" / name, exist_ok=True)
+        with open(work / "per_run" / name / file, "w") as f:
+            f.write("\n".join(json.dumps(v) for v in value) if file.endswith(".jsonl") else json.dumps(value))
+
+    scores = lambda avg: {"avg@4": avg, "pass@4": 2 * avg, "maj@4": avg, "tokens_mean": 20.0}  # noqa: E731
+    keep("base", "eval.json", scores(0.1))
+    for seed, avg in ((1, 0.3), (2, 0.5)):
+        name = f"grpo_no-skip-no-signal_seed{seed}"
+        keep(name, "run.json", {"arm": "grpo.py --no-skip-no-signal", "seed": seed, "seconds": 60.0 * seed,
+                                "steps": 10 + seed, "tokens": 32000, "eval": scores(avg)})
+        keep(name, "metrics.jsonl", [{"step": s, "tokens/generated_total": 1000 * s, "reward": 0.1 * s,
+                                      "rewards/correctness_last_number/mean": 0.1 * s} for s in (1, 2, 3)])
+    monkeypatch.setattr(compare_algorithms, "run", lambda *a: pytest.fail(f"ran {a[0][:2]}"))
+    monkeypatch.setattr(sys, "argv", ["compare_algorithms.py", "--model", "m", "--out", str(work), "--report-only",
+                                      "--arms", "grpo.py", "grpo.py --no-skip-no-signal", "--seeds", "1", "2", "3"])
+    compare_algorithms.main()
+    table = (tmp_path / "cmp.md").read_text()
+    assert "| grpo.py --no-skip-no-signal | 1 2 | 40.0 ± 14.1 (30.0 / 50.0) |" in table
+    assert "| 12 ± 1 (11 / 12) | 1.5 ± 0.7 (1.0 / 2.0) | 10 → 20 |" in table and "| grpo.py |" not in table
+    assert (work / "figures" / "seed2" / "by_tokens.png").is_file() and not (work / "figures" / "seed3").exists()
