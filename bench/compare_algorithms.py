@@ -5,11 +5,12 @@ held-out accuracy and tokens in a table, training curves in figures.
 
 1. Writes a task the model starts at roughly 15-30%: single-digit additions in three phrasings, split by
    operand pair, so no pair of the held-out split is ever trained on.
-2. Trains every script in SCRIPTS with the same seed, batch shape, learning rate and schedule, and the same
-   budget of generated tokens (--max-generated-tokens: probes and refill rounds count), for each seed;
+2. Trains every arm (a script, or a script and its flags) with each seed, the same batch shape, learning rate
+   and schedule, and the same budget of generated tokens (--max-generated-tokens: probes and refill rounds count);
    everything else is each algorithm's own default (μ, β, clip, loss type, ...).
-3. Evaluates the base model and every final checkpoint with eval.py on the held-out split (avg@n, pass@k,
-   tokens), and writes OUT.md / OUT.json (mean and spread over seeds) and the figures of plot.py.
+3. Evaluates the base model and every final checkpoint with eval.py on the held-out split (avg@n, pass@k, maj@n,
+   tokens), keeps each run's metrics, record and evaluation in OUT/per_run/ (--reuse goes on from there), and
+   writes OUT.md / OUT.json (mean ± sd and each seed's value) and one set of plot.py's figures per seed.
 """
 
 import json
@@ -35,7 +36,7 @@ class Args:
     model: str
     """local directory of the model (e.g. the output of tools/prepare_smollm2.sh)"""
     out: str = "bench/results/compare"
-    """results: OUT.md, OUT.json, OUT/ (data, runs, evaluation, figures)"""
+    """results: OUT.md, OUT.json, OUT/ (per_run: what each finished run keeps; figures; data, runs, eval)"""
     arms: list[str] = field(default_factory=lambda: [*SCRIPTS, "grpo.py --no-skip-no-signal"])
     """what to compare: a script, or a script and its flags in one string"""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -96,7 +97,7 @@ def name_of(arm: str) -> str:
 def train(args: Args, arm: str, seed: int, train_path: str, work: str) -> dict:
     """Train one arm with one seed; its metrics.jsonl and run.json are kept in OUT/per_run/NAME_seedS/."""
     name = f"{name_of(arm)}_seed{seed}"
-    out, kept = os.path.join(work, "runs", name), os.path.join(work, "per_run", name)
+    out, per_run = os.path.join(work, "runs", name), os.path.join(work, "per_run", name)
     script, *extra = arm.split()
     cmd = script_command(script, args.model, train_path, out, seed=seed, reward_funcs=args.reward,
                          learning_rate=args.learning_rate, lr_schedule="constant", warmup_ratio=0,
@@ -108,17 +109,16 @@ def train(args: Args, arm: str, seed: int, train_path: str, work: str) -> dict:
     seconds = run(cmd, os.path.join(out, "train.log"))
     run_dir = run_dir_of(out)
     metrics = read_metrics(run_dir)
-    os.makedirs(kept, exist_ok=True)
-    shutil.copy(os.path.join(run_dir, "metrics.jsonl"), kept)
-    result = {"arm": arm, "seed": seed, "seconds": seconds, "steps": metrics[-1]["step"],
-              "tokens": metrics[-1]["tokens/generated_total"],
-              "checkpoint": os.path.join(run_dir, f"checkpoint-{metrics[-1]['step']}")}
-    return result
+    os.makedirs(per_run, exist_ok=True)
+    shutil.copy(os.path.join(run_dir, "metrics.jsonl"), per_run)
+    return {"arm": arm, "seed": seed, "seconds": seconds, "steps": metrics[-1]["step"],
+            "tokens": metrics[-1]["tokens/generated_total"],
+            "checkpoint": os.path.join(run_dir, f"checkpoint-{metrics[-1]['step']}")}
 
 
 def evaluate(args: Args, model: str, name: str, test_path: str, work: str) -> dict:
     """eval.py on the held-out split; its results are kept in OUT/per_run/NAME/eval.json."""
-    out, kept = os.path.join(work, "eval", name), os.path.join(work, "per_run", name, "eval.json")
+    out = os.path.join(work, "eval", name)
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--model", model, "--datasets", test_path,
            "--n", str(args.eval_n), "--temperature", str(args.eval_temperature),
            "--max-tokens", str(args.max_completion_length), "--last-number-fallback", "--output-dir", out]
@@ -126,14 +126,21 @@ def evaluate(args: Args, model: str, name: str, test_path: str, work: str) -> di
     run(cmd, os.path.join(out, "eval.log"))
     with open(os.path.join(out, "results.json")) as f:
         result = next(iter(json.load(f)["results"].values()))["test.jsonl"]
-    os.makedirs(os.path.dirname(kept), exist_ok=True)
-    with open(kept, "w") as f:
-        json.dump(result, f, indent=2)
+    keep(work, name, "eval.json", result)
     return result
 
 
+def keep(work: str, name: str, file: str, value) -> None:
+    """Write OUT/per_run/NAME/FILE whole or not at all (a temporary name, then renamed): --reuse trusts it."""
+    path = os.path.join(work, "per_run", name, file)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def kept(work: str, name: str, file: str):
-    """A file of OUT/per_run/NAME/ (a finished run or evaluation), or None."""
+    """OUT/per_run/NAME/FILE (a finished run or evaluation), or None."""
     path = os.path.join(work, "per_run", name, file)
     if not os.path.isfile(path):
         return None
@@ -179,8 +186,7 @@ def main() -> None:
                 r = train(args, arm, seed, train_path, work)
                 r["eval"] = evaluate(args, r.pop("checkpoint"), name, test_path, work)
                 shutil.rmtree(os.path.join(work, "runs", name))  # checkpoints: the kept files are in per_run/
-                with open(os.path.join(work, "per_run", name, "run.json"), "w") as f:
-                    json.dump(r, f, indent=2)
+                keep(work, name, "run.json", r)
             rows.setdefault(arm, []).append({**r, "name": name})
     wall = time.perf_counter() - t0
     protocol = (f"SmolLM2-135M-Instruct; single-digit addition, {100 - args.held_out_pairs} operand pairs × "
